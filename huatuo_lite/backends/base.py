@@ -1,0 +1,61 @@
+"""The small protocol every engine implements.
+
+The generation loop (`huatuo_lite.generate`) is shared by all backends: it
+renders the prompt, preprocesses images, and samples with the one sampler. An
+engine only has to do four numeric things: tokenize, encode images, prefill a
+sequence of text/embedding segments, and step one token at a time.
+
+Shapes: V = vocabulary rows (embedding rows, may exceed the tokenizer's size),
+H = text hidden size, T = 576 image tokens per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, Union
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageEmbeds:
+    """Projected image features to splice into the prompt: float32 [T, H]."""
+
+    features: np.ndarray
+
+
+Segment = Union[list, ImageEmbeds]   # list[int] token ids, or image features
+
+
+class Engine(Protocol):
+    """What a backend provides. One engine holds one model and one KV cache;
+    callers serialise access (the API holds a lock)."""
+
+    name: str            # "torch", "gguf", "onnx"
+    n_ctx: int           # context length in tokens
+    eos_token_ids: frozenset
+    hidden_size: int     # H
+
+    def tokenize(self, text: str) -> list[int]:
+        """Text -> ids, no special tokens added (upstream tokenizes each chunk so)."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (streamed text is decoded incrementally)."""
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[N, 3, 336, 336] float32 normalized pixels -> [N, T, H] float32 features
+        (CLIP hidden_states[-2] without CLS, then the mlp2x_gelu projector)."""
+
+    def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
+        """Reset the cache, run the whole prompt. Returns float32 logits [V] for
+        the last position, or [L, V] for every position when all_logits."""
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Append one token to the cache; float32 logits [V] for it."""
+
+    def close(self) -> None:
+        """Free the engine's native resources."""
+
+
+def segments_length(segments: Sequence[Segment]) -> int:
+    """Number of positions a prompt occupies."""
+    return sum(len(s.features) if isinstance(s, ImageEmbeds) else len(s) for s in segments)

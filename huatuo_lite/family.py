@@ -1,0 +1,104 @@
+"""The one source of truth about the HuatuoGPT-Vision family.
+
+Everything that upstream fixes (prompt template, image preprocessing constants,
+generation defaults, limits, the variants and how to recognise them) lives here
+once. Backends and converters derive what they need from these values; none of
+them restates a constant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+# ---------------------------------------------------------------- prompt ----
+# Upstream renders a turn as "<|user|>\n{images}{question}\n<|assistant|>\n" in
+# plain text: no system prompt, no BOS, and the tags are NOT special tokens.
+USER_TAG = "<|user|>\n"
+ASSISTANT_TAG = "<|assistant|>\n"
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_LINE = IMAGE_PLACEHOLDER + "\n"  # one per image, at the front of the turn
+# An earlier turn's answer is followed by " \n" (sic: a space) upstream.
+ANSWER_SUFFIX = " \n"
+MAX_IMAGES = 6
+CONTEXT_LENGTH = 4096  # tokenizer_model_max_length upstream
+
+# ----------------------------------------------------------------- image ----
+IMAGE_SIZE = 336            # CLIP ViT-L/14-336 input side
+PATCH_SIZE = 14
+IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576 features per image (CLS dropped)
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+# expand2square pads with tuple(int(x * 255) for x in image_mean) = (122, 116, 104)
+PAD_COLOR = tuple(int(m * 255) for m in IMAGE_MEAN)
+RESCALE = 1.0 / 255.0
+VISION_SELECT_LAYER = -2     # hidden_states[-2], CLS dropped ("patch")
+MAX_IMAGE_PIXELS = 20000 * 20000  # refuse decompression bombs above this
+
+
+# ------------------------------------------------------------ generation ----
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Upstream's sampling defaults (HF generate with do_sample=True).
+
+    HF applies, in order: repetition penalty (to tokens generated so far: upstream
+    passes only inputs_embeds, so the prompt is not penalised), temperature,
+    top-k (HF's default 50), top-p. temperature == 0 means greedy.
+    """
+
+    temperature: float = 0.2
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = 512
+    seed: int | None = None
+
+    def with_overrides(self, **values) -> "GenerationConfig":
+        """A copy with every non-None value replaced (CLI/API options)."""
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+GENERATION_DEFAULTS = GenerationConfig()
+
+
+# -------------------------------------------------------------- variants ----
+@dataclass(frozen=True)
+class Variant:
+    """One upstream checkpoint layout, recognised by config and tensor names."""
+
+    name: str                 # our short name: "7b", "34b", "7b-hf"
+    architecture: str         # config.json "architectures"[0]
+    model_type: str           # config.json "model_type"
+    text_arch: str            # llama.cpp / transformers text architecture
+    hub_repo: str             # upstream repository on the hub
+    layout: str               # "llava" (model.mm_projector...) or "hf" (multi_modal_projector...)
+    notes: str = ""
+    hub_aliases: tuple = field(default_factory=tuple)
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("7b", "LlavaQwen2ForCausalLM", "llava_qwen2", "qwen2",
+                "FreedomIntelligence/HuatuoGPT-Vision-7B", "llava"),
+        Variant("34b", "LlavaLlamaForCausalLM", "llava_llama", "llama",
+                "FreedomIntelligence/HuatuoGPT-Vision-34B", "llava"),
+        Variant("7b-hf", "LlavaForConditionalGeneration", "llava", "qwen2",
+                "FreedomIntelligence/HuatuoGPT-Vision-7B-hf", "hf",
+                hub_aliases=("FreedomIntelligence/HuatuoGPT-Vision-34B-hf",)),
+    )
+}
+VARIANT_BY_ARCHITECTURE = {v.architecture: v for v in VARIANTS.values()}
+
+# ------------------------------------------------------------ notices ----
+RESEARCH_NOTICE = (
+    "HuatuoGPT-Vision is for research use only: its answers are not medical advice "
+    "and must not be used for clinical decisions. (Silence with --quiet or "
+    "HUATUO_LITE_NO_NOTICE=1.)"
+)
+DEMO_NOTICE = (
+    "Using the bundled demo model: a pipeline demonstration trained on synthetic "
+    "shapes, not a medical model."
+)
