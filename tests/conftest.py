@@ -1,0 +1,45 @@
+"""Shared fixtures: one thread everywhere, and tiny upstream-format checkpoints
+built once per session (each test that needs a model makes or reuses its own)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two shared cores: multi-threaded engines make timings and even test runtimes swing.
+for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HUATUO_LITE_NO_NOTICE", "1")
+
+
+def _torch_one_thread():
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+_torch_one_thread()
+
+
+def _tiny(tmp_path_factory, variant):
+    tiny = pytest.importorskip("huatuo_lite.convert.tiny")
+    out = tmp_path_factory.mktemp(f"tiny-{variant}")
+    return tiny.make_tiny(out / "model", variant=variant, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_7b(tmp_path_factory):
+    return _tiny(tmp_path_factory, "7b")
+
+
+@pytest.fixture(scope="session")
+def tiny_34b(tmp_path_factory):
+    return _tiny(tmp_path_factory, "34b")
+
+
+@pytest.fixture(scope="session")
+def tiny_7b_hf(tmp_path_factory):
+    return _tiny(tmp_path_factory, "7b-hf")
