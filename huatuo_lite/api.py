@@ -1,0 +1,86 @@
+"""The Python API: `huatuo_lite.load(...)` -> HuatuoVision.
+
+    with huatuo_lite.load("models/demo") as model:
+        answer = model.ask("chest.png", "Is there a lesion?")
+        print(answer.text, answer.timings)
+
+Backend-agnostic; a model object may be shared between threads (calls are
+serialised by a lock, since an engine holds one KV cache).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from . import store
+from .backends import load_backend
+from .family import GENERATION_DEFAULTS, GenerationConfig
+from .generate import Answer, run
+from .prompt import Turn
+
+
+class HuatuoVision:
+    def __init__(self, engine, path: Path, backend: str):
+        self.engine, self.path, self.backend = engine, path, backend
+        self._lock = threading.RLock()
+
+    # --------------------------------------------------------------- asking
+    def ask(self, images, question: str, history: Sequence[Turn] = (), **gen) -> Answer:
+        """Answer one question about zero or more images (paths, bytes, PIL, arrays)."""
+        with self._lock:
+            generation = self._start(images, question, history, gen)
+            for _ in generation:
+                pass
+            return generation.answer
+
+    def stream(self, images, question: str, history: Sequence[Turn] = (), **gen) -> Iterator[str]:
+        """Yield the answer's text as it is generated."""
+        with self._lock:
+            yield from self._start(images, question, history, gen)
+
+    def generation(self, images, question: str, history: Sequence[Turn] = (), **gen):
+        """A Generation to iterate (stream) whose `.answer` has the stats; hold
+        the model's lock while iterating (the CLI does)."""
+        return self._start(images, question, history, gen)
+
+    def _start(self, images, question, history, gen):
+        return run(self.engine, as_image_list(images), question, history, generation_config(**gen))
+
+    @property
+    def lock(self):
+        return self._lock
+
+    # ------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        with self._lock:
+            if self.engine is not None:
+                self.engine.close()
+                self.engine = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def as_image_list(images) -> list:
+    """One image (path, bytes, PIL image, array) or a list/tuple of them -> a list."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def generation_config(**options) -> GenerationConfig:
+    """Upstream defaults with the given (non-None) options replaced."""
+    return GENERATION_DEFAULTS.with_overrides(**options)
+
+
+def load(model, backend: str | None = None, **options) -> HuatuoVision:
+    """Open a model folder or stored name with its backend (chosen from the folder
+    when not given). Options go to the engine: threads, n_ctx, gpu_layers, quant."""
+    path = store.resolve(model)
+    name = store.backend_for(path, backend)
+    engine = load_backend(name).open_engine(path, **options)
+    return HuatuoVision(engine, path, name)

@@ -1,0 +1,79 @@
+"""`huatuo-lite convert ...`: the heavy side (needs the `convert` extra).
+
+Imports of huatuo_lite.convert happen inside the commands, so `huatuo-lite ask`
+never loads torch."""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from .errors import HuatuoError
+
+CONVERT_EXTRA_HINT = "install the conversion tools with `pip install 'huatuo-lite[convert]'` (torch first, see README)"
+
+
+def convert_module(name: str):
+    """huatuo_lite.convert.<name>, or one sentence saying how to install it."""
+    try:
+        return importlib.import_module(f"huatuo_lite.convert.{name}")
+    except ImportError as exc:
+        raise HuatuoError(f"Converting needs {exc.name or 'extra packages'}: {CONVERT_EXTRA_HINT}.") from None
+
+
+@click.group()
+def convert():
+    """Convert upstream checkpoints to GGUF or ONNX, or make tiny test checkpoints."""
+
+
+@convert.command("tiny")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--variant", type=click.Choice(["7b", "34b", "7b-hf"]), default="7b", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def convert_tiny(out_dir, variant, seed):
+    """Write a tiny random checkpoint in the exact upstream layout (for tests and demos).
+
+    \b
+    Example:
+      huatuo-lite convert tiny ./tiny-7b --variant 7b
+    """
+    path = convert_module("tiny").make_tiny(out_dir, variant=variant, seed=seed)
+    click.echo(str(path))
+
+
+@convert.command("gguf")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--quant", default="Q4_K_M", show_default=True,
+              type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]))
+@click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(["F16", "Q8_0"]))
+@click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
+def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle):
+    """Convert an upstream folder to a GGUF text model + mmproj (+ vision.onnx).
+
+    \b
+    Example:
+      huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M
+    """
+    out = convert_module("gguf_export").export_gguf(src, out_dir, quant=quant, mmproj_type=mmproj_type,
+                                                     allow_pickle=allow_pickle)
+    click.echo(str(out))
+
+
+@convert.command("onnx")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--quant", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp16", "fp32"]))
+@click.option("--vision-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "int8"]))
+@click.option("--block-size", default=32, show_default=True, type=click.IntRange(16), help="int4/int8 block size.")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
+def convert_onnx(src, out_dir, quant, vision_quant, block_size, allow_pickle):
+    """Convert an upstream folder to vision/embed/decoder ONNX graphs.
+
+    \b
+    Example:
+      huatuo-lite convert onnx ./HuatuoGPT-Vision-7B ./hv7b-onnx --quant int4
+    """
+    out = convert_module("onnx_export").export_onnx(src, out_dir, quant=quant, vision_quant=vision_quant,
+                                                    block_size=block_size, allow_pickle=allow_pickle)
+    click.echo(str(out))

@@ -1,0 +1,118 @@
+"""The generation loop shared by every backend.
+
+image sources + question (+ history) -> image.py + prompt.py -> engine.encode_images
+-> engine.prefill -> Sampler / engine.step ... -> streamed text and an Answer.
+"""
+from __future__ import annotations
+
+import codecs
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import image as image_mod
+from . import prompt as prompt_mod
+from .backends.base import Engine, ImageEmbeds, segments_length
+from .family import GenerationConfig
+from .sampler import Sampler
+
+
+@dataclass
+class Answer:
+    """One answer with the numbers a user asks for (`--json`)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str                    # "stop" (eos) or "length"
+    timings: dict = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+    token_ids: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("token_ids")
+        data["answer"] = data.pop("text")
+        return data
+
+
+def encode_images(engine: Engine, images: Sequence) -> list[ImageEmbeds]:
+    """Load, preprocess ([N,3,336,336]) and encode ([N,576,H]) the images."""
+    if not images:
+        return []
+    pixels = image_mod.preprocess([image_mod.load_image(src) for src in images])
+    features = engine.encode_images(pixels)
+    return [ImageEmbeds(np.ascontiguousarray(f, dtype=np.float32)) for f in features]
+
+
+class Generation:
+    """Iterate to stream text pieces; `.answer` holds the result when done."""
+
+    def __init__(self, engine: Engine, turns: list, image_embeds: list[ImageEmbeds],
+                 config: GenerationConfig, encode_seconds: float = 0.0):
+        self.engine, self.config = engine, config
+        text = prompt_mod.render(turns)
+        self.segments = prompt_mod.build_segments(text, engine.tokenize, image_embeds)
+        self.prompt_tokens = segments_length(self.segments)
+        prompt_mod.check_fits(self.prompt_tokens, config.max_new_tokens, engine.n_ctx)
+        self.timings = {"image_encode_s": encode_seconds}
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        sampler, pieces, finish = Sampler(self.config), [], "length"
+        start = time.perf_counter()
+        logits = self.engine.prefill(self.segments)
+        prefill_done = time.perf_counter()
+        for index in range(self.config.max_new_tokens):
+            token = sampler(logits)
+            if token in self.engine.eos_token_ids:
+                sampler.generated.pop()
+                finish = "stop"
+                break
+            piece = decoder.decode(self.engine.token_bytes(token))
+            if piece:
+                pieces.append(piece)
+                yield piece
+            if index + 1 < self.config.max_new_tokens:
+                logits = self.engine.step(token)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            yield tail
+        self._finish("".join(pieces), sampler.generated, finish, start, prefill_done)
+
+    def _finish(self, text, tokens, finish, start, prefill_done):
+        end = time.perf_counter()
+        prefill_s, decode_s = prefill_done - start, end - prefill_done
+        self.timings.update({
+            "prefill_s": prefill_s,
+            "prefill_tokens_per_s": self.prompt_tokens / prefill_s if prefill_s else 0.0,
+            "time_to_first_token_s": self.timings["image_encode_s"] + prefill_s,
+            "decode_s": decode_s,
+            "decode_tokens_per_s": max(len(tokens) - 1, 0) / decode_s if decode_s else 0.0,
+        })
+        # Upstream: batch_decode(skip_special_tokens=True)[0].strip()
+        self.answer = Answer(text.strip(), self.prompt_tokens, len(tokens), finish,
+                             self.timings, peak_rss_mb(), list(tokens))
+
+
+def run(engine: Engine, images: Sequence, question: str, history: Sequence = (),
+        config: GenerationConfig | None = None) -> Generation:
+    """Prepare one answer: `for piece in run(...)` streams it."""
+    config = config or GenerationConfig()
+    turns = list(history) + [prompt_mod.Turn(question=question, n_images=len(images))]
+    prompt_mod.validate(turns)
+    start = time.perf_counter()
+    embeds = encode_images(engine, images)
+    return Generation(engine, turns, embeds, config, time.perf_counter() - start)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
