@@ -1,0 +1,88 @@
+"""The ONNX vision encoder, shared by the onnx and gguf backends.
+
+`vision.onnx` maps normalized pixels [N, 3, 336, 336] float32 to projected
+image features [N, 576, H] float32 (CLIP layer -2 without CLS, then the
+projector). Sessions run on CPU unless another execution provider is asked for
+and installed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import HuatuoError, ModelFormatError
+
+# short names accepted from the CLI/API -> onnxruntime execution providers
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+
+def resolve_providers(providers=None) -> list[str]:
+    """Provider list for a session: the ones asked for (short or full names),
+    always ending with the CPU provider as fallback. One sentence if one asked
+    for is not installed."""
+    import onnxruntime as ort
+
+    wanted = [PROVIDER_NAMES.get(p.lower(), p) if isinstance(p, str) else p for p in (providers or [])]
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        raise HuatuoError(
+            f"onnxruntime here has no {', '.join(missing)} (available: {', '.join(available)}); "
+            "install the onnxruntime build for that device or drop the provider option.")
+    return [p for p in wanted if p != PROVIDER_NAMES["cpu"]] + [PROVIDER_NAMES["cpu"]]
+
+
+def make_session(path, threads: int | None = None, providers=None):
+    """An InferenceSession for one graph file; a missing, truncated or corrupt
+    file is one ModelFormatError sentence naming it."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"{path} is missing; convert the model again or copy the whole model folder.")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 4   # load errors become our one sentence, not a red log line
+    try:
+        return ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+    except HuatuoError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own pybind exception types
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelFormatError(
+            f"{path} cannot be loaded by onnxruntime ({reason}); the file is truncated, corrupt or "
+            "from an incompatible export: convert or download the model again.") from None
+
+
+class OnnxVisionEncoder:
+    """vision.onnx behind one call: encode(pixels [N,3,S,S]) -> features [N,T,H]."""
+
+    def __init__(self, path, threads: int | None = None, providers=None):
+        self.path = Path(path)
+        self.session = make_session(self.path, threads, providers)
+        inp = self.session.get_inputs()[0]
+        out = self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        self.image_size = inp.shape[-1]           # static in the graph (336 for the real model)
+        self.image_tokens, self.hidden_size = out.shape[1], out.shape[2]
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        pixels = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        expected = (3, self.image_size, self.image_size)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must be [N, {', '.join(map(str, expected))}], got {list(pixels.shape)}.")
+        if len(pixels) == 0:
+            return np.zeros((0, self.image_tokens, self.hidden_size), np.float32)
+        (features,) = self.session.run([self.output_name], {self.input_name: pixels})
+        return features.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None
