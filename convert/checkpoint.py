@@ -28,6 +28,36 @@ from typing import Iterator
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
 
+# Canonical prefix -> prefix in the -hf layouts. Old: transformers < 4.52 (the
+# 2024 -hf conversion); new: transformers >= 4.52 (save_pretrained today).
+# Longest canonical prefixes first so that "model.mm_projector." wins over "model.".
+HF_OLD_PREFIXES = {
+    VISION_PREFIX: "vision_tower.vision_model.",
+    PROJECTOR_PREFIX + "0.": "multi_modal_projector.linear_1.",
+    PROJECTOR_PREFIX + "2.": "multi_modal_projector.linear_2.",
+    "lm_head.": "language_model.lm_head.",
+    "model.": "language_model.model.",
+}
+HF_NEW_PREFIXES = {
+    VISION_PREFIX: "model.vision_tower.vision_model.",
+    PROJECTOR_PREFIX + "0.": "model.multi_modal_projector.linear_1.",
+    PROJECTOR_PREFIX + "2.": "model.multi_modal_projector.linear_2.",
+    "lm_head.": "lm_head.",
+    "model.": "model.language_model.",
+}
+
+
+def _swap_prefix(name: str, table: dict) -> str | None:
+    for old, new in table.items():
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None
+
+
+def to_hf_name(canonical: str, table: dict = HF_OLD_PREFIXES) -> str:
+    """Canonical name -> its name in a -hf checkpoint (2024 layout by default)."""
+    return _swap_prefix(canonical, table)
+
 
 @dataclass(frozen=True)
 class TextConfig:

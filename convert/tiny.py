@@ -1,0 +1,191 @@
+"""Tiny, format-exact upstream HuatuoGPT-Vision checkpoints for tests.
+
+`make_tiny(out_dir, variant)` writes a folder laid out exactly like the hub
+repository of that variant (config keys, tensor names, bf16 shards + index,
+tokenizer files, the `vit/` CLIP copy), only small and with random weights:
+
+  7b     LlavaQwen2ForCausalLM / llava_qwen2, byte-level BPE tokenizer (Qwen2)
+  34b    LlavaLlamaForCausalLM / llava_llama, SentencePiece tokenizer (Yi)
+  7b-hf  LlavaForConditionalGeneration / llava, 2024 -hf key names, <image> token
+
+Weights are drawn in canonical order from one seeded generator, so the same seed
+and sizes give bit-identical tensors in 7b and 7b-hf. The `vit/` copy holds the
+"original CLIP" weights: drawn from another stream, so a reader that takes the
+vision tower from there instead of the embedded weights is caught by tests.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from huatuo_lite.errors import HuatuoError
+from huatuo_lite.family import IMAGE_SIZE, PATCH_SIZE, VARIANTS
+
+from .checkpoint import to_hf_name
+from .tiny_configs import (VIT_SUBDIR, clip_config, generation_config, hf_config,
+                           llava_config, preprocessor_config)
+from .tiny_weights import canonical_tensors, clip_tensors
+from .tokenizers_tiny import build_qwen2_tokenizer, build_yi_tokenizer
+
+# The -hf conversion adds <image> right after Qwen2's three specials (151646).
+HF_IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Dimensions of a tiny model. Text hidden/intermediate are multiples of 256
+    (K-quant blocks); vision intermediate != vision hidden (llama.cpp swaps the
+    CLIP ffn tensors when they are equal); image 336 / patch 14 as upstream so
+    that an image is 576 tokens."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_hidden_size: int = 256
+    vision_intermediate_size: int = 512
+    vision_layers: int = 3
+    vision_heads: int = 4
+    image_size: int = IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
+    num_shards: int = 3
+
+
+def embedding_rows(tokenizer_size: int, multiple: int = 256) -> int:
+    """Embedding rows strictly above the tokenizer size, like Qwen2 (152064 rows
+    for 151646 tokens): the rows past the tokenizer are never produced by it."""
+    return (tokenizer_size // multiple + 1) * multiple
+
+
+# ------------------------------------------------------------- variants ----
+def _build_7b(root: Path, sizes: TinySizes, seed: int) -> None:
+    tok = build_qwen2_tokenizer(root)
+    eos = tok.special_ids["<|endoftext|>"]
+    rows = embedding_rows(tok.size)
+    tensors = canonical_tensors(sizes, "qwen2", rows, seed)
+    _write_config(root, llava_config("7b", sizes, rows, bos=eos, eos=eos, pad=None))
+    _write_shards(root, tensors, sizes.num_shards)
+    _write_vit(root, sizes, seed)
+
+
+def _build_34b(root: Path, sizes: TinySizes, seed: int) -> None:
+    tok = build_yi_tokenizer(root)
+    ids = tok.special_ids
+    # Yi: rows == tokenizer size (64000 both upstream).
+    tensors = canonical_tensors(sizes, "llama", tok.size, seed)
+    _write_config(root, llava_config("34b", sizes, tok.size, bos=ids["<|startoftext|>"],
+                                     eos=ids["<|endoftext|>"], pad=ids["<unk>"]))
+    _write_shards(root, tensors, sizes.num_shards)
+    _write_vit(root, sizes, seed)
+
+
+def _build_7b_hf(root: Path, sizes: TinySizes, seed: int) -> None:
+    tok = build_qwen2_tokenizer(root, extra_tokens=(HF_IMAGE_TOKEN,))
+    eos = tok.special_ids["<|endoftext|>"]
+    # Same rows as the 7b build: the -hf conversion kept the embedding matrix.
+    rows = embedding_rows(tok.size - 1)
+    image_id = tok.special_ids[HF_IMAGE_TOKEN]
+    if image_id >= rows:   # cannot happen with the defaults; never write a broken folder
+        raise HuatuoError(f"The <image> token id {image_id} does not fit {rows} embedding rows.")
+    tensors = canonical_tensors(sizes, "qwen2", rows, seed)
+    hf = {to_hf_name(name): t for name, t in tensors.items()}
+    _write_config(root, hf_config(sizes, rows, bos=eos, eos=eos, image_token_id=image_id))
+    _write_json(root / "preprocessor_config.json", preprocessor_config(sizes.image_size))
+    _write_shards(root, hf, sizes.num_shards)
+
+
+VARIANT_BUILDERS = {"7b": _build_7b, "34b": _build_34b, "7b-hf": _build_7b_hf}
+
+
+# ----------------------------------------------------------------- writing ----
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_config(root: Path, config: dict) -> None:
+    _write_json(root / "config.json", config)
+    _write_json(root / "generation_config.json", generation_config(config))
+
+
+def _split_shards(tensors: dict, num_shards: int) -> list:
+    """Consecutive groups of about equal bytes, in state-dict order (as
+    transformers' save_pretrained does with max_shard_size)."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    target = total / num_shards
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > target and len(shards) < num_shards - 1:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def _write_shards(root: Path, tensors: dict, num_shards: int) -> None:
+    """model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    shards = _split_shards(tensors, max(2, num_shards))
+    n = len(shards)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(root / fname),
+                  metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    _write_json(root / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def _write_vit(root: Path, sizes: TinySizes, seed: int) -> None:
+    """vit/clip_vit_large_patch14_336/: a full CLIPModel copy (vision + tiny text
+    tower) with config.json, preprocessor_config.json and model.safetensors."""
+    from safetensors.torch import save_file
+
+    vit = root / VIT_SUBDIR
+    vit.mkdir(parents=True)
+    config = clip_config(sizes)
+    _write_json(vit / "config.json", config)
+    _write_json(vit / "preprocessor_config.json", preprocessor_config(sizes.image_size))
+    save_file(clip_tensors(sizes, config["text_config"], seed), str(vit / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+# -------------------------------------------------------------------- API ----
+def make_tiny(out_dir, variant: str = "7b", seed: int = 0, **sizes) -> Path:
+    """Write a tiny upstream-format checkpoint of `variant` into out_dir (which
+    must not exist or be empty) and return its path. `sizes` overrides
+    TinySizes fields (hidden_size=512, vision_layers=4, ...)."""
+    if variant not in VARIANT_BUILDERS:
+        raise HuatuoError(f"Unknown tiny variant {variant!r}: choose one of {', '.join(VARIANT_BUILDERS)}.")
+    unknown = set(sizes) - set(asdict(TinySizes()))
+    if unknown:
+        raise HuatuoError(f"Unknown tiny size {sorted(unknown)[0]!r}: known sizes are "
+                          f"{', '.join(asdict(TinySizes()))}.")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise HuatuoError(f"{out} already exists and is not empty: choose a new folder.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target and rename when complete: never a half-written folder.
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        VARIANT_BUILDERS[variant](work, replace(TinySizes(), **sizes), seed)
+        if out.exists():
+            out.rmdir()
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = ["make_tiny", "TinySizes", "VARIANT_BUILDERS", "VARIANTS", "embedding_rows"]
