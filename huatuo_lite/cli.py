@@ -122,8 +122,10 @@ def model_or_default(model):
 
 def _register_subcommands():
     from .cli_convert import convert
+    from .cli_models import models
 
     cli.add_command(convert)
+    cli.add_command(models)
 
 
 _register_subcommands()

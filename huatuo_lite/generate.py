@@ -102,14 +102,23 @@ class Generation:
 
 
 def run(engine: Engine, images: Sequence, question: str, history: Sequence = (),
-        config: GenerationConfig | None = None) -> Generation:
-    """Prepare one answer: `for piece in run(...)` streams it."""
-    config = config or GenerationConfig()
+        config: GenerationConfig | None = None, history_images: Sequence = ()) -> Generation:
+    """Prepare one answer: `for piece in run(...)` streams it.
+
+    `history` holds earlier prompt.Turn objects (with answers); `history_images`
+    the images of those turns, in order (upstream splices every image of the
+    conversation at its own placeholder)."""
     turns = list(history) + [prompt_mod.Turn(question=question, n_images=len(images))]
+    return run_turns(engine, turns, list(history_images) + list(images), config)
+
+
+def run_turns(engine: Engine, turns: Sequence, images: Sequence,
+              config: GenerationConfig | None = None) -> Generation:
+    """Prepare the answer to the last (open) turn of a conversation."""
     prompt_mod.validate(turns)
     start = time.perf_counter()
     embeds = encode_images(engine, images)
-    return Generation(engine, turns, embeds, config, time.perf_counter() - start)
+    return Generation(engine, list(turns), embeds, config or GenerationConfig(), time.perf_counter() - start)
 
 
 def peak_rss_mb() -> float:

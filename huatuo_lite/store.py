@@ -67,3 +67,73 @@ def backend_for(folder: Path, requested: str | None) -> str:
         f"{folder} holds a {fmt} model, which the {requested} backend cannot run; "
         f"use --backend {natural}, or convert it with `huatuo-lite convert {requested} {folder} OUT`."
     )
+
+
+# ---------------------------------------------------------------- registry ----
+def registry() -> dict:
+    """Known models from models/registry.toml: name -> entry dict."""
+    import importlib.resources
+    import tomllib
+
+    text = importlib.resources.files("huatuo_lite.models").joinpath("registry.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)["models"]
+
+
+def stored_models() -> dict:
+    """Folders in the store: name -> path."""
+    root = home() / "models"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def pull(name: str, progress: bool = True) -> Path:
+    """Download a registry model with huggingface-hub (resumable, its own cache
+    and progress bars) into the store; refused while HF_HUB_OFFLINE is set."""
+    entry = registry().get(name)
+    if entry is None:
+        raise ModelFormatError(f"No model {name!r} in the registry; `huatuo-lite models list` shows the known ones.")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelFormatError(
+            f"HF_HUB_OFFLINE is set, so {entry['repo']} cannot be downloaded; unset it to pull, "
+            "or copy the model folder here by hand."
+        )
+    from huggingface_hub import snapshot_download
+
+    target = home() / "models" / name
+    snapshot_download(repo_id=entry["repo"], allow_patterns=entry.get("files"), local_dir=target)
+    return target
+
+
+def verify(folder: Path) -> list[str]:
+    """Files of a converted folder whose sha256 differs from its manifest."""
+    from .manifest import read_manifest, verify_hashes
+
+    return verify_hashes(folder, read_manifest(folder))
+
+
+def describe(folder: Path) -> dict:
+    """A short summary of a model folder for `models info`."""
+    fmt = detect_format(folder)
+    info = {"path": str(folder), "format": fmt, "backend": FORMAT_BACKEND[fmt]}
+    if fmt == "upstream":
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        info.update(architecture=(config.get("architectures") or ["?"])[0], model_type=config.get("model_type"))
+    else:
+        from .manifest import read_manifest
+
+        manifest = read_manifest(folder)
+        info.update({k: manifest.get(k) for k in ("name", "variant", "text", "vision")})
+        info["files"] = {name: {k: e.get(k) for k in ("role", "size", "quant")} for name, e in manifest["files"].items()}
+    return info
+
+
+def remove(name: str) -> Path:
+    """Delete a model folder from the store (never anything outside it)."""
+    import shutil
+
+    folder = stored_models().get(name)
+    if folder is None:
+        raise ModelFormatError(f"No model {name!r} in {home() / 'models'}; `huatuo-lite models list` shows them.")
+    shutil.rmtree(folder)
+    return folder

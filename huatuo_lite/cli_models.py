@@ -1,0 +1,89 @@
+"""`huatuo-lite models list|pull|verify|info|rm`: the local model store."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import store
+from .errors import HuatuoError
+
+
+@click.group()
+def models():
+    """Manage models in the store ($HUATUO_LITE_HOME, default ~/.cache/huatuo-lite)."""
+
+
+@models.command("list")
+def models_list():
+    """Installed models and the registry's known ones.
+
+    \b
+    Example:
+      huatuo-lite models list
+    """
+    installed = store.stored_models()
+    for name, path in installed.items():
+        try:
+            fmt = store.detect_format(path)
+        except HuatuoError:
+            fmt = "unknown"
+        click.echo(f"{name:32} installed  {fmt:9} {path}")
+    for name, entry in store.registry().items():
+        if name not in installed:
+            click.echo(f"{name:32} available {entry['format']:9} {entry['repo']} (~{entry['size_gb']:g} GB, {entry['license']})")
+
+
+@models.command("pull")
+@click.argument("name")
+def models_pull(name):
+    """Download a registry model with huggingface-hub (resumable).
+
+    \b
+    Example:
+      huatuo-lite models pull huatuogpt-vision-7b
+    """
+    click.echo(str(store.pull(name)))
+
+
+@models.command("verify")
+@click.argument("model")
+def models_verify(model):
+    """Check every file of a converted model against its manifest's sha256.
+
+    \b
+    Example:
+      huatuo-lite models verify ./hv7b-gguf
+    """
+    folder = store.resolve(model)
+    bad = store.verify(folder)
+    if bad:
+        raise HuatuoError(f"{len(bad)} file(s) of {folder} differ from the manifest ({', '.join(bad)}); download or convert again.")
+    click.echo(f"{folder}: all files match the manifest.")
+
+
+@models.command("info")
+@click.argument("model")
+def models_info(model):
+    """Show what a model folder holds (format, backend, files, dimensions).
+
+    \b
+    Example:
+      huatuo-lite models info ./hv7b-gguf
+    """
+    click.echo(json.dumps(store.describe(store.resolve(model)), indent=2))
+
+
+@models.command("rm")
+@click.argument("name")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def models_rm(name, yes):
+    """Delete a model from the store.
+
+    \b
+    Example:
+      huatuo-lite models rm huatuogpt-vision-7b --yes
+    """
+    if not yes:
+        click.confirm(f"Delete {name} from {store.home() / 'models'}?", abort=True)
+    click.echo(f"removed {store.remove(name)}")
