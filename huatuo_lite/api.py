@@ -39,13 +39,27 @@ class HuatuoVision:
         with self._lock:
             yield from self._start(images, question, history, gen)
 
-    def generation(self, images, question: str, history: Sequence[Turn] = (), **gen):
+    def generation(self, images, question: str, history: Sequence[Turn] = (), history_images=(), **gen):
         """A Generation to iterate (stream) whose `.answer` has the stats; hold
-        the model's lock while iterating (the CLI does)."""
-        return self._start(images, question, history, gen)
+        `model.lock` while iterating (the CLI and chat sessions do)."""
+        return self._start(images, question, history, gen, history_images)
 
-    def _start(self, images, question, history, gen):
-        return run(self.engine, as_image_list(images), question, history, generation_config(**gen))
+    def chat(self):
+        """A conversation that keeps its history (upstream's multi-turn format)."""
+        from .chat import ChatSession
+
+        return ChatSession(self)
+
+    def create_chat_completion(self, messages, stream: bool = False, **gen):
+        """OpenAI-style messages (text and image_url parts) -> an OpenAI-shaped
+        dict, or an iterator of chunk dicts when stream=True."""
+        from . import openai_compat
+
+        return openai_compat.chat_completion(self, messages, stream, gen)
+
+    def _start(self, images, question, history, gen, history_images=()):
+        return run(self.engine, as_image_list(images), question, history, generation_config(**gen),
+                   history_images=history_images)
 
     @property
     def lock(self):

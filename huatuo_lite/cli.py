@@ -121,11 +121,12 @@ def model_or_default(model):
 
 
 def _register_subcommands():
+    from .cli_chat import chat
     from .cli_convert import convert
     from .cli_models import models
 
-    cli.add_command(convert)
-    cli.add_command(models)
+    for command in (chat, convert, models):
+        cli.add_command(command)
 
 
 _register_subcommands()
