@@ -1,0 +1,161 @@
+"""The weight files of a model folder: which ones, their tensor headers, and
+loading tensors from them lazily (safetensors are memory-mapped by safe_open).
+
+Sources, first match wins: model.safetensors.index.json (+ shards),
+model.safetensors, and -- only with allow_pickle -- pytorch_model.bin.index.json
+(+ shards) or pytorch_model.bin. Pickle can run arbitrary code when loaded; we
+load it with weights_only=True and still refuse it by default.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Iterator
+
+from huatuo_lite.errors import ModelFormatError
+
+# safetensors header dtype -> torch dtype name (what Checkpoint.dtype() returns)
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                      "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+PICKLE_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    path: Path          # the file holding the tensor
+    stored: str         # its name in that file
+    shape: tuple
+    dtype: str          # torch dtype name, e.g. "bfloat16"
+    kind: str           # "safetensors" or "pickle"
+
+
+# ---------------------------------------------------------------- headers ----
+def _safetensors_entry(f, path: Path, name: str) -> TensorEntry:
+    view = f.get_slice(name)              # header only: no tensor data is read
+    dtype = view.get_dtype()
+    return TensorEntry(path, name, tuple(view.get_shape()),
+                       SAFETENSORS_DTYPES.get(dtype, dtype.lower()), "safetensors")
+
+
+def _safetensors_header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: _safetensors_entry(f, path, name) for name in f.keys()}
+    except Exception as err:   # safetensors raises its own error types for bad headers
+        raise ModelFormatError(f"{path} is not a readable safetensors file ({err}); re-download it.") from None
+
+
+def _load_pickle(path: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:       # old (non-zip) pickle format cannot be memory-mapped
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelFormatError(f"{path} is not a loadable PyTorch weights file ({err}).") from None
+
+
+def _pickle_header(path: Path) -> dict:
+    state = _load_pickle(path)
+    return {name: TensorEntry(path, name, tuple(t.shape), str(t.dtype).removeprefix("torch."), "pickle")
+            for name, t in state.items()}
+
+
+HEADER_READERS = {".safetensors": _safetensors_header, ".bin": _pickle_header}
+
+
+def _header(path: Path) -> dict:
+    return HEADER_READERS[path.suffix](path)
+
+
+# ---------------------------------------------------------------- sources ----
+def _from_index(root: Path, index_name: str) -> dict:
+    """stored name -> entry for every tensor the index lists, shard by shard."""
+    index_path = root / index_name
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelFormatError(f"{index_path} is not a valid index (no weight_map: {err}); re-download it.") from None
+    entries = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (root / shard).is_file():
+            raise ModelFormatError(f"{root}: the shard {shard} listed in {index_name} is missing; "
+                                   "the download is incomplete, fetch that file again.")
+        header = _header(root / shard)
+        names = [n for n, s in weight_map.items() if s == shard]
+        absent = [n for n in names if n not in header]
+        if absent:
+            raise ModelFormatError(f"{root}: {index_name} puts {absent[0]} in {shard} but that shard does "
+                                   "not hold it; the index and the shards do not match, re-download them.")
+        entries.update((n, header[n]) for n in names)
+    return entries
+
+
+def _from_file(root: Path, name: str) -> dict:
+    return _header(root / name)
+
+
+WEIGHT_SOURCES = (  # (file that must exist, reader, is pickle)
+    ("model.safetensors.index.json", _from_index, False),
+    ("model.safetensors", _from_file, False),
+    ("pytorch_model.bin.index.json", _from_index, True),
+    ("pytorch_model.bin", _from_file, True),
+)
+
+
+def find_weights(root: Path, allow_pickle: bool = False) -> dict:
+    """stored name -> TensorEntry, ordered shard by shard; ModelFormatError if none."""
+    for name, reader, is_pickle in WEIGHT_SOURCES:
+        if not (root / name).is_file():
+            continue
+        if is_pickle and not allow_pickle:
+            raise ModelFormatError(f"{root} holds only a pickle checkpoint ({name}), which can run code when "
+                                   "loaded; convert it to safetensors, or pass --allow-pickle if you trust it.")
+        entries = reader(root, name)
+        order = {path: i for i, path in enumerate(dict.fromkeys(e.path for e in entries.values()))}
+        return dict(sorted(entries.items(), key=lambda kv: order[kv[1].path]))
+    raise ModelFormatError(f"{root} holds no weights: expected model.safetensors.index.json with its "
+                           "shards, or model.safetensors.")
+
+
+# ---------------------------------------------------------------- tensors ----
+def load_tensor(entry: TensorEntry):
+    """One tensor in its stored dtype."""
+    if entry.kind == "pickle":
+        return _load_pickle(entry.path)[entry.stored]
+    from safetensors import safe_open
+
+    with safe_open(str(entry.path), framework="pt") as f:
+        return f.get_tensor(entry.stored)
+
+
+def _iter_safetensors(path: Path, items: list) -> Iterator:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name, entry in items:
+            yield name, f.get_tensor(entry.stored)
+
+
+def _iter_pickle(path: Path, items: list) -> Iterator:
+    state = _load_pickle(path)
+    for name, entry in items:
+        yield name, state[entry.stored]
+    del state
+
+
+FILE_ITERATORS = {"safetensors": _iter_safetensors, "pickle": _iter_pickle}
+
+
+def iter_file_tensors(entries: dict) -> Iterator:
+    """(name, tensor) for entries {name: TensorEntry}, one file open at a time.
+    entries must be grouped by file (find_weights orders them so)."""
+    for path, group in groupby(entries.items(), key=lambda kv: kv[1].path):
+        items = list(group)
+        yield from FILE_ITERATORS[items[0][1].kind](path, items)
