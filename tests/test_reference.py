@@ -275,3 +275,58 @@ def test_greedy_decoding_matches_transformers_generate(case):
         theirs = engine.model.generate(inputs_embeds=embeds, do_sample=False, max_new_tokens=8,
                                        min_new_tokens=0, eos_token_id=None, pad_token_id=0)
     assert ours == theirs[0].tolist()
+
+
+# ------------------------------------------------------------ refusals ----
+class _Without:
+    """A checkpoint that hides one tensor (a broken or truncated download)."""
+
+    def __init__(self, ckpt, hidden):
+        self._ckpt, self._hidden = ckpt, hidden
+
+    def __getattr__(self, name):
+        return getattr(self._ckpt, name)
+
+    def iter_tensors(self, prefix=""):
+        return ((n, t) for n, t in self._ckpt.iter_tensors(prefix) if n != self._hidden)
+
+
+@pytest.mark.parametrize("hidden", ["model.vision_tower.vision_tower.vision_model.post_layernorm.weight",
+                                    "model.layers.1.mlp.up_proj.weight", "lm_head.weight"])
+def test_missing_tensor_is_refused_not_reinitialised(tiny_7b, hidden):
+    from huatuo_lite.backends.torch_build import build_model
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError):
+        build_model(_Without(open_checkpoint(tiny_7b), hidden))
+
+
+def test_bad_inputs_get_one_sentence(tiny_34b):
+    from huatuo_lite.errors import HuatuoError, ImageError, PromptError
+
+    engine = load_backend("torch").open_engine(tiny_34b)
+    with pytest.raises(PromptError):
+        engine.prefill([])
+    with pytest.raises(PromptError):
+        engine.prefill([[engine.vocab_rows]])
+    with pytest.raises(PromptError):
+        engine.prefill([[5] * (engine.n_ctx + 1)])
+    with pytest.raises(PromptError):
+        engine.prefill([[5], ImageEmbeds(np.zeros((4, engine.hidden_size + 1), np.float32))])
+    with pytest.raises(ImageError):
+        engine.encode_images(np.zeros((1, 3, 224, 224), np.float32))
+    with pytest.raises(HuatuoError):
+        load_backend("torch").open_engine(tiny_34b, dtype="int3")
+
+
+def test_bfloat16_stays_close_to_float32(tiny_7b):
+    backend = load_backend("torch")
+    f32, bf16 = backend.open_engine(tiny_7b), backend.open_engine(tiny_7b, dtype="bfloat16")
+    pixels = random_pixels(1, f32.image_size, seed=4)
+    chunks = prompt_chunks(f32, 1)
+    want = f32.prefill(interleave(chunks, f32.encode_images(pixels)))
+    got = bf16.prefill(interleave(chunks, bf16.encode_images(pixels)))
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert np.corrcoef(got, want)[0, 1] > 0.999
