@@ -1,0 +1,203 @@
+"""`huatuo-lite convert onnx`: upstream folder -> vision.onnx + embed.onnx +
+decoder.onnx (+ .data files) + tokenizer files + manifest.json.
+
+The three graphs follow onnxruntime-genai's layout for vision models. They are
+exported once in fp32 (torch.onnx dynamo exporter, see onnx_text/onnx_vision),
+then quantized by onnxruntime's own tools (onnx_quant); `quantize_onnx` makes a
+quantized folder from an fp32 one without torch. Everything is written in a
+staging folder and moved into OUT_DIR when complete; fp32 intermediates of a
+quantized export live in a scratch folder that is always removed.
+
+Memory: the decoder is built in fp32 (4 bytes/parameter): fine for tiny and
+~0.5B models; a real 7B needs ~2-3x its 28 GB fp32 size to export this way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from tqdm import tqdm
+
+from huatuo_lite.errors import HuatuoError
+from huatuo_lite.family import CONTEXT_LENGTH, IMAGE_TOKENS
+from huatuo_lite.fsutil import ensure_writable_dir, staging_dir
+from huatuo_lite.manifest import check_sizes, file_entry, read_manifest, write_manifest
+
+from .checkpoint import open_checkpoint
+from .onnx_graph import check_graph
+from .onnx_quant import QUANT_BITS, QUANT_MODES, VISION_QUANT_MODES, check_mode, quantize_graph
+from .onnx_text import export_decoder, export_embed
+from .onnx_vision import export_vision
+
+VISION, EMBED, DECODER = "vision.onnx", "embed.onnx", "decoder.onnx"
+# graph file -> (role in the manifest, fp32 exporter)
+GRAPHS = {VISION: ("vision", export_vision), EMBED: ("embed", export_embed),
+          DECODER: ("decoder", export_decoder)}
+# text quant -> how the embedding table is stored. Gather quantizes only to 4 bits
+# in onnxruntime 1.32, so int8 keeps an fp16 table (exact to fp16 rounding).
+EMBED_QUANT = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "int4"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
+                force_external_data: bool = False) -> Path:
+    """Convert `src` into `out_dir`; returns the path of decoder.onnx."""
+    _check_options(quant, vision_quant, block_size)
+    ckpt = open_checkpoint(src)
+    if quant == "fp32" and vision_quant == "fp32":
+        with staging_dir(out_dir) as stage:
+            _export_fp32(ckpt, stage, force_external_data)
+        return Path(out_dir) / DECODER
+    ensure_writable_dir(Path(out_dir))
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir) as scratch:
+        _export_fp32(ckpt, Path(scratch), False)
+        return quantize_onnx(scratch, out_dir, quant, vision_quant, block_size, force_external_data)
+
+
+def quantize_onnx(fp32_dir, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
+                  force_external_data: bool = False) -> Path:
+    """A quantized model folder from an fp32 one written by export_onnx (no torch
+    needed: one fp32 export serves every quant). Returns out_dir/decoder.onnx."""
+    _check_options(quant, vision_quant, block_size)
+    base = read_manifest(fp32_dir)
+    if base.get("format") != "onnx" or base.get("onnx", {}).get("quant") != "fp32" \
+            or base["onnx"].get("vision_quant") != "fp32":
+        raise HuatuoError(f"{fp32_dir} is not an fp32 ONNX export; quantize from `convert onnx --quant fp32` output.")
+    check_sizes(fp32_dir, base)
+    modes = {VISION: vision_quant, EMBED: EMBED_QUANT[quant], DECODER: quant}
+    files = {}
+    with staging_dir(out_dir) as stage:
+        for name in tqdm(GRAPHS, desc=f"onnx {quant}", unit="graph", leave=False):
+            written = quantize_graph(Path(fp32_dir) / name, stage / name, modes[name], block_size=block_size,
+                                     gather=name == EMBED, force_external_data=force_external_data)
+            check_graph(stage / name)
+            files.update(_graph_entries(name, written, modes[name]))
+        for name, entry in base["files"].items():
+            if entry["role"] == "tokenizer":
+                shutil.copyfile(Path(fp32_dir) / name, stage / name)
+                files[name] = file_entry(stage / name, "tokenizer")
+        write_manifest(stage, {**base, "files": files, "tools": _tools(),
+                               "onnx": _onnx_section(quant, vision_quant, block_size)})
+    return Path(out_dir) / DECODER
+
+
+def _check_options(quant: str, vision_quant: str, block_size: int) -> None:
+    check_mode(quant)
+    check_mode(vision_quant, VISION_QUANT_MODES, "--vision-quant")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise HuatuoError(f"--block-size {block_size} is not supported: use a power of two >= 16 (32 is the default).")
+
+
+def _export_fp32(ckpt, folder: Path, force_external_data: bool) -> None:
+    """The three fp32 graphs, the tokenizer files and the manifest into `folder`."""
+    files = {}
+    steps = tqdm(GRAPHS.items(), desc="onnx export", unit="graph", leave=False)
+    for name, (role, exporter) in steps:
+        steps.set_postfix_str(name)
+        written = exporter(ckpt, folder / name, force_external_data=force_external_data)
+        check_graph(folder / name)
+        files.update(_graph_entries(name, written, "fp32"))
+    for path in copy_tokenizer(ckpt, folder):
+        files[path.name] = file_entry(path, "tokenizer")
+    write_manifest(folder, _manifest(ckpt, files))
+
+
+def _graph_entries(name: str, written: list, mode: str) -> dict:
+    role = GRAPHS[name][0]
+    return {p.name: file_entry(p, role if p.name == name else "data", quant=mode) for p in written}
+
+
+def copy_tokenizer(ckpt, stage: Path) -> list[Path]:
+    """The tokenizer files, always including tokenizer.json (the runtime reads it
+    with the `tokenizers` library): a SentencePiece-only folder gets one made by
+    transformers' slow->fast converter here."""
+    source = Path(ckpt.tokenizer_dir)
+    written = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, stage / name)
+            written.append(stage / name)
+    if not (stage / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(str(source), use_fast=True)
+        if not getattr(fast, "is_fast", False):
+            raise HuatuoError(f"The tokenizer in {source} cannot be converted to tokenizer.json; "
+                              "add a tokenizer.json to the checkpoint folder.")
+        fast.backend_tokenizer.save(str(stage / "tokenizer.json"))
+        written.append(stage / "tokenizer.json")
+    return written
+
+
+def eos_token_ids(ckpt) -> list[int]:
+    """eos from config.json and generation_config.json (int or list)."""
+    ids = set()
+    sources = [ckpt.text.eos_token_id]
+    gen_path = Path(ckpt.root) / "generation_config.json"
+    if gen_path.is_file():
+        sources.append(json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id"))
+    for value in sources:
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return sorted(int(i) for i in ids)
+
+
+def context_length(ckpt) -> int:
+    """Upstream's tokenizer_model_max_length (4096), capped by the position table."""
+    max_len = ckpt.config.get("tokenizer_model_max_length") or CONTEXT_LENGTH
+    return int(min(max_len, ckpt.text.max_position_embeddings))
+
+
+def _onnx_section(quant: str, vision_quant: str, block_size: int) -> dict:
+    return {"quant": quant, "vision_quant": vision_quant, "embed_quant": EMBED_QUANT[quant],
+            "block_size": block_size if quant in QUANT_BITS else None,
+            "graphs": {"vision": VISION, "embed": EMBED, "decoder": DECODER}}
+
+
+def _tools() -> dict:
+    return {name: _version(name) for name in
+            ("huatuo-lite", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")}
+
+
+def _manifest(ckpt, files: dict) -> dict:
+    text = ckpt.text
+    return {
+        "format": "onnx",
+        "name": _model_name(ckpt),
+        "variant": getattr(getattr(ckpt, "variant", None), "name", None),
+        "files": files,
+        "text": {"arch": text.arch, "n_embd": text.hidden_size, "n_vocab": text.vocab_size,
+                 "n_layer": text.num_layers, "n_head_kv": text.num_kv_heads,
+                 "head_dim": text.hidden_size // text.num_heads,
+                 "n_ctx": context_length(ckpt), "eos_token_ids": eos_token_ids(ckpt)},
+        "vision": {"projector": ckpt.projector.kind, "n_embd_out": ckpt.projector.out_features,
+                   "image_size": ckpt.vision.image_size, "image_tokens": IMAGE_TOKENS},
+        "onnx": _onnx_section("fp32", "fp32", 32),
+        "source": {"config_sha256": _config_hash(ckpt), "path": str(Path(ckpt.root).resolve())},
+        "tools": _tools(),
+    }
+
+
+def _model_name(ckpt) -> str:
+    raw = str(ckpt.config.get("_name_or_path") or "").rstrip("/")
+    return raw.rsplit("/", 1)[-1] if raw and not raw.startswith((".", "/")) else Path(ckpt.root).resolve().name
+
+
+def _config_hash(ckpt) -> str:
+    path = Path(ckpt.root) / "config.json"
+    data = path.read_bytes() if path.is_file() else json.dumps(ckpt.config, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+__all__ = ["export_onnx", "quantize_onnx", "QUANT_MODES", "VISION_QUANT_MODES"]

@@ -1,0 +1,204 @@
+"""The onnxruntime backend: embed.onnx + decoder.onnx with a numpy KV cache,
+vision.onnx for images (see convert/onnx_export.py for the graphs).
+
+No torch, no transformers: the tokenizer is tokenizer.json read by the
+`tokenizers` library. Sampling is not here: the shared loop
+(huatuo_lite.generate) samples from the logits this engine returns.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ModelFormatError, PromptError
+from ..manifest import check_sizes, read_manifest
+from .base import ImageEmbeds, Segment, segments_length
+from .vision_onnx import OnnxVisionEncoder, make_session
+
+PREFILL_CHUNK = 512      # positions per decoder call in prefill: bounds the [L, V] logits buffer
+TOKENIZER_FILE = "tokenizer.json"
+DECODER_INPUTS = {"inputs_embeds", "attention_mask", "position_ids"}
+
+
+def open_engine(model_dir, *, threads: int | None = None, providers=None, **ignored) -> "OnnxEngine":
+    """Open a folder written by `huatuo-lite convert onnx`."""
+    return OnnxEngine(model_dir, threads=threads, providers=providers)
+
+
+# ------------------------------------------------------------ token bytes ----
+def _gpt2_byte_decoder() -> dict:
+    """GPT-2's bytes_to_unicode inverted: printable stand-in char -> raw byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:                       # unprintable bytes are shifted past 255, in order
+            chars[chr(256 + shifted)] = b
+            shifted += 1
+    return chars
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def _byte_level_bytes(piece: str) -> bytes:
+    return bytes(_BYTE_DECODER[ch] for ch in piece)
+
+
+def _sentencepiece_bytes(piece: str) -> bytes:
+    # "<0xNN>" is SentencePiece's byte fallback; "▁" (U+2581) stands for a space.
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+# tokenizer kind -> how one vocabulary piece maps back to its raw bytes
+PIECE_DECODERS = {"byte_level": _byte_level_bytes, "sentencepiece": _sentencepiece_bytes}
+
+
+class TokenizerFile:
+    """tokenizer.json through `tokenizers`: ids without special tokens, and the
+    exact raw bytes of each token (for incremental UTF-8 decoding)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise ModelFormatError(f"{path} cannot be read as a tokenizer ({exc}); convert the model again.") from None
+        decoder = json.dumps(json.loads(self.tokenizer.to_str()).get("decoder"))
+        self.kind = "byte_level" if "ByteLevel" in decoder else "sentencepiece"
+        # special tokens (<|endoftext|>, <image>) have no text, as upstream decodes with
+        # skip_special_tokens=True; other added tokens are their plain text
+        self.added = {i: b"" if t.special else t.content.encode("utf-8")
+                      for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+        self._bytes: dict = {}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        cached = self._bytes.get(token_id)
+        if cached is None:
+            cached = self._bytes[token_id] = self._piece_bytes(token_id)
+        return cached
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        if token_id in self.added:            # added tokens are stored as plain text
+            return self.added[token_id]
+        piece = self.tokenizer.id_to_token(token_id) if token_id >= 0 else None
+        return PIECE_DECODERS[self.kind](piece) if piece is not None else b""
+
+
+# ----------------------------------------------------------------- engine ----
+class OnnxEngine:
+    """embed.onnx + decoder.onnx + vision.onnx with one numpy KV cache (see base.Engine)."""
+
+    name = "onnx"
+
+    def __init__(self, model_dir, threads: int | None = None, providers=None):
+        self.folder = Path(model_dir)
+        manifest = read_manifest(self.folder)
+        if manifest.get("format") != "onnx":
+            raise ModelFormatError(f"{self.folder} holds a {manifest.get('format')!r} model, not an ONNX one; "
+                                   "use the matching --backend or convert with `huatuo-lite convert onnx`.")
+        check_sizes(self.folder, manifest)
+        graphs = manifest["onnx"]["graphs"]
+        self.vision = OnnxVisionEncoder(self.folder / graphs["vision"], threads, providers)
+        self.embed = make_session(self.folder / graphs["embed"], threads, providers)
+        self.decoder = make_session(self.folder / graphs["decoder"], threads, providers)
+        self.tokenizer = TokenizerFile(self.folder / TOKENIZER_FILE)
+        text = manifest["text"]
+        self.hidden_size, self.vocab_rows = int(text["n_embd"]), int(text["n_vocab"])
+        self.n_ctx = int(text["n_ctx"])
+        self.eos_token_ids = frozenset(int(i) for i in text["eos_token_ids"])
+        self.quant = manifest["onnx"]["quant"]
+        inputs = {i.name: i.shape for i in self.decoder.get_inputs()}
+        self._past_names = [name for name in inputs if name.startswith("past_key_values.")]
+        if not self._past_names or not DECODER_INPUTS <= set(inputs):
+            raise ModelFormatError(f"{self.folder / graphs['decoder']} is not a decoder graph with a KV cache "
+                                   f"(inputs {sorted(inputs)[:5]}...); convert the model again.")
+        self._present_names = [n.replace("past_key_values.", "present.") for n in self._past_names]
+        kv_shape = inputs[self._past_names[0]]                # [B, kvh, P, hd], kvh and hd static
+        self._kv_heads, self._head_dim = int(kv_shape[1]), int(kv_shape[3])
+        self._past: list | None = None                       # [1, kvh, P, hd] float32 per name
+
+    # --------------------------------------------------------------- text ----
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(int(token_id)) if 0 <= token_id < self.vocab_rows else b""
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision.encode(pixel_values)
+
+    # -------------------------------------------------------------- decode ----
+    def _embed_ids(self, ids) -> np.ndarray:
+        tokens = np.asarray(list(ids), dtype=np.int64)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_rows):
+            raise PromptError(f"Token ids must lie in [0, {self.vocab_rows}); got one outside.")
+        (embeds,) = self.embed.run(None, {"input_ids": tokens[None]})
+        return embeds[0]                                      # [L, H]
+
+    def _embed_segments(self, segments: Sequence[Segment]) -> np.ndarray:
+        """Token chunks through embed.onnx, image features spliced in between: [L, H]."""
+        parts = []
+        for segment in segments:
+            if isinstance(segment, ImageEmbeds):
+                features = np.asarray(segment.features, dtype=np.float32)
+                if features.ndim != 2 or features.shape[1] != self.hidden_size:
+                    raise PromptError(f"Image features must be [T, {self.hidden_size}], got {list(features.shape)}.")
+                parts.append(features)
+            elif len(segment):
+                parts.append(self._embed_ids(segment))
+        return np.concatenate(parts, axis=0)
+
+    def _run(self, embeds: np.ndarray) -> np.ndarray:
+        """Decoder over embeds [L, H] after the kept cache -> logits [L, V]; grows the cache."""
+        past_len = self._past[0].shape[2]
+        length = embeds.shape[0]
+        feeds = {
+            "inputs_embeds": embeds[None].astype(np.float32, copy=False),
+            "attention_mask": np.ones((1, past_len + length), np.int64),
+            "position_ids": np.arange(past_len, past_len + length, dtype=np.int64)[None],
+            **dict(zip(self._past_names, self._past)),
+        }
+        outputs = self.decoder.run(["logits", *self._present_names], feeds)
+        self._past = outputs[1:]
+        return outputs[0][0]
+
+    def _empty_cache(self) -> list:
+        return [np.zeros((1, self._kv_heads, 0, self._head_dim), np.float32) for _ in self._past_names]
+
+    def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
+        length = segments_length(segments)
+        if length == 0:
+            raise PromptError("The prompt is empty: give at least one token.")
+        if length > self.n_ctx:
+            raise PromptError(f"The prompt has {length} positions but the context holds {self.n_ctx}: shorten it.")
+        embeds = self._embed_segments(segments)
+        self._past = self._empty_cache()
+        rows = []
+        for start in range(0, length, PREFILL_CHUNK):
+            logits = self._run(embeds[start:start + PREFILL_CHUNK])
+            rows.append(logits if all_logits else logits[-1:])
+        logits = np.concatenate(rows, axis=0) if all_logits else rows[-1][0]
+        return logits.astype(np.float32, copy=False)
+
+    def step(self, token_id: int) -> np.ndarray:
+        if self._past is None:
+            raise PromptError("step() needs a prefill() first.")
+        if self._past[0].shape[2] >= self.n_ctx:
+            raise PromptError(f"The context of {self.n_ctx} tokens is full.")
+        return self._run(self._embed_ids([int(token_id)]))[-1].astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self._past = None
+        self.embed = self.decoder = None
+        self.vision.close()
