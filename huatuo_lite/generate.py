@@ -55,8 +55,8 @@ class Generation:
     def __init__(self, engine: Engine, turns: list, image_embeds: list[ImageEmbeds],
                  config: GenerationConfig, encode_seconds: float = 0.0):
         self.engine, self.config = engine, config
-        text = prompt_mod.render(turns)
-        self.segments = prompt_mod.build_segments(text, engine.tokenize, image_embeds)
+        # Turns, not joined text: upstream tokenizes each turn's pieces on their own.
+        self.segments = prompt_mod.build_segments(turns, engine.tokenize, image_embeds)
         self.prompt_tokens = segments_length(self.segments)
         prompt_mod.check_fits(self.prompt_tokens, config.max_new_tokens, engine.n_ctx)
         self.timings = {"image_encode_s": encode_seconds}
