@@ -1,0 +1,166 @@
+"""`huatuo-lite convert gguf`: upstream folder -> text GGUF + mmproj + vision.onnx + manifest.
+
+F32/F16/BF16/Q8_0 are written directly with the gguf package; the K-quants and
+Q4_0 go through llama.cpp's own quantizer (llama_model_quantize) from a lossless
+intermediate (BF16 when the checkpoint is bf16, else F32) that is deleted after.
+Everything is written in a staging folder and moved into OUT_DIR when complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from importlib import metadata
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as FT
+
+from huatuo_lite.errors import HuatuoError
+from huatuo_lite.family import CONTEXT_LENGTH
+from huatuo_lite.fsutil import staging_dir
+from huatuo_lite.manifest import file_entry, write_manifest
+
+from .checkpoint import open_checkpoint
+from .gguf_mmproj import PROJECTOR_TYPES, write_mmproj
+from .gguf_text import write_text_gguf
+
+# quant name -> (ggml type of weight matrices, general.file_type), written by the gguf package
+DIRECT_TYPES = {
+    "F32": (Q.F32, FT.ALL_F32),
+    "F16": (Q.F16, FT.MOSTLY_F16),
+    "BF16": (Q.BF16, FT.MOSTLY_BF16),
+    "Q8_0": (Q.Q8_0, FT.MOSTLY_Q8_0),
+}
+# quant name -> llama_ftype name in llama_cpp, quantized by llama.cpp itself
+LLAMA_QUANTS = {
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+MMPROJ_TYPES = {k: DIRECT_TYPES[k] for k in ("F16", "Q8_0")}
+# the intermediate for llama.cpp's quantizer: lossless for the stored dtype
+INTERMEDIATE = {"bfloat16": "BF16"}
+VISION_ONNX = "vision.onnx"
+
+
+def model_name(ckpt) -> str:
+    """<Name> of the GGUF naming convention: the hub name in config.json, else the folder's."""
+    raw = str(ckpt.config.get("_name_or_path") or "").rstrip("/")
+    name = raw.rsplit("/", 1)[-1] if raw and not raw.startswith((".", "/")) else Path(ckpt.root).resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
+                vision_onnx: bool = True, allow_pickle: bool = False) -> Path:
+    """Convert `src` into `out_dir`; returns the path of the text GGUF."""
+    if quant not in DIRECT_TYPES and quant not in LLAMA_QUANTS:
+        raise HuatuoError(f"Unknown quant {quant!r}: choose one of {', '.join([*DIRECT_TYPES, *LLAMA_QUANTS])}.")
+    if mmproj_type not in MMPROJ_TYPES:
+        raise HuatuoError(f"Unknown mmproj type {mmproj_type!r}: choose one of {', '.join(MMPROJ_TYPES)}.")
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
+    name = model_name(ckpt)
+    text_file, mmproj_file = f"{name}-{quant}.gguf", f"mmproj-{name}-{mmproj_type}.gguf"
+    with staging_dir(out_dir) as stage:
+        _write_text(ckpt, stage, text_file, quant, name)
+        write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], name)
+        vision_files = _write_vision(ckpt, stage) if vision_onnx else []
+        self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX) if vision_onnx else None
+        files = {text_file: file_entry(stage / text_file, "text", quant=quant),
+                 mmproj_file: file_entry(stage / mmproj_file, "mmproj", quant=mmproj_type)}
+        files.update({p.name: file_entry(p, "vision" if p.name == VISION_ONNX else "data") for p in vision_files})
+        write_manifest(stage, _manifest(ckpt, name, files, self_test))
+    return Path(out_dir) / text_file
+
+
+def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str) -> None:
+    if quant in DIRECT_TYPES:
+        write_text_gguf(ckpt, stage / text_file, *DIRECT_TYPES[quant], name)
+        return
+    inter = INTERMEDIATE.get(_stored_dtype(ckpt), "F32")
+    tmp = stage / f".{name}-{inter}.intermediate"
+    write_text_gguf(ckpt, tmp, *DIRECT_TYPES[inter], name)
+    try:
+        llama_quantize(tmp, stage / text_file, quant)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _stored_dtype(ckpt) -> str:
+    dtypes = {str(ckpt.dtype(n)).replace("torch.", "") for n in ckpt.names()}
+    return dtypes.pop() if len(dtypes) == 1 else "mixed"
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
+    """Quantize a GGUF with llama.cpp's own quantizer (also works on an mmproj)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_QUANTS[quant])
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0 or not dst.is_file():
+        raise HuatuoError(f"llama.cpp could not quantize {src.name} to {quant} (error {rc}); "
+                          "try another --quant or report the model.")
+    return dst
+
+
+def _write_vision(ckpt, stage: Path) -> list[Path]:
+    from .onnx_vision import export_vision
+
+    return [Path(p) for p in export_vision(ckpt, stage / VISION_ONNX)]
+
+
+def _self_test(text: Path, mmproj: Path, vision: Path) -> dict:
+    """libmtmd's image features vs vision.onnx's; recorded so the backend uses libmtmd
+    by itself the day llama.cpp's LLaVA image graph is fixed."""
+    from huatuo_lite.backends.gguf_mtmd import mtmd_self_test
+
+    try:
+        return mtmd_self_test(text, mmproj, vision)
+    except Exception as exc:   # a self-test that cannot run is a failed one, never a failed export
+        return {"passed": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _manifest(ckpt, name: str, files: dict, self_test: dict | None) -> dict:
+    import llama_cpp
+
+    text = ckpt.text
+    eos = text.eos_token_id if isinstance(text.eos_token_id, list) else [text.eos_token_id]
+    manifest = {
+        "format": "gguf",
+        "name": name,
+        "variant": ckpt.variant.name,
+        "files": files,
+        "text": {"arch": text.arch, "n_embd": text.hidden_size, "n_vocab": text.vocab_size,
+                 "n_ctx": _context_length(ckpt), "eos_token_ids": [e for e in eos if e is not None]},
+        "vision": {"projector": ckpt.projector.kind, "mmproj_projector": PROJECTOR_TYPES[ckpt.projector.kind],
+                   "n_embd_out": ckpt.projector.out_features, "image_size": ckpt.vision.image_size,
+                   "image_tokens": (ckpt.vision.image_size // ckpt.vision.patch_size) ** 2},
+        "source": {"config_sha256": _config_hash(ckpt), "path": str(Path(ckpt.root).resolve())},
+        "tools": {"huatuo-lite": _version("huatuo-lite"), "gguf": _version("gguf"),
+                  "llama-cpp-python": llama_cpp.__version__, "onnx": _version("onnx")},
+    }
+    if self_test is not None:
+        manifest["mtmd_self_test"] = self_test
+    return manifest
+
+
+def _context_length(ckpt) -> int:
+    """The context upstream trains/serves with (tokenizer_model_max_length), capped by the model's."""
+    limit = ckpt.config.get("tokenizer_model_max_length") or CONTEXT_LENGTH
+    return int(min(limit, ckpt.text.max_position_embeddings))
+
+
+def _config_hash(ckpt) -> str:
+    path = Path(ckpt.root) / "config.json"
+    data = path.read_bytes() if path.is_file() else json.dumps(ckpt.config, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None

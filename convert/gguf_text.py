@@ -1,0 +1,228 @@
+"""The text model as a llama.cpp GGUF: hyper-parameters, tensor names, tokenizer.
+
+7B (Qwen2) -> arch `qwen2`; 34B (Yi) -> arch `llama`. Names come from the gguf
+package's own table (gguf.TENSOR_NAMES); llama's rope is the interleaved kind,
+so its q/k rows are permuted like convert_hf_to_gguf's LlamaModel.permute.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFWriter, TokenType
+
+from huatuo_lite.errors import ModelFormatError
+from huatuo_lite.family import ANSWER_SUFFIX, ASSISTANT_TAG, IMAGE_LINE, USER_TAG
+
+from .gguf_stream import PlannedTensor, iter_mapped, weight_qtype, write_streaming_gguf
+
+TEXT_ARCH = {"qwen2": MODEL_ARCH.QWEN2, "llama": MODEL_ARCH.LLAMA}
+
+# canonical name (outside the layers) -> GGUF tensor
+GLOBAL_TENSORS = {
+    "model.embed_tokens": MODEL_TENSOR.TOKEN_EMBD,
+    "model.norm": MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": MODEL_TENSOR.OUTPUT,
+}
+# canonical per-layer module -> GGUF tensor ("blk.{bid}....")
+LAYER_TENSORS = {
+    "input_layernorm": MODEL_TENSOR.ATTN_NORM,
+    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
+    "post_attention_layernorm": MODEL_TENSOR.FFN_NORM,
+    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"(model\.embed_tokens|model\.norm|lm_head)\.(weight|bias)$")
+
+# which heads count to permute q/k with, per arch (HF rotate_half -> ggml rope)
+PERMUTED_HEADS = {
+    "qwen2": {},   # NEOX rope in llama.cpp: HF layout as is
+    "llama": {MODEL_TENSOR.ATTN_Q: "num_heads", MODEL_TENSOR.ATTN_K: "num_kv_heads"},
+}
+
+
+def gguf_name(canonical: str) -> tuple[str, MODEL_TENSOR] | None:
+    """canonical checkpoint name -> (GGUF name, tensor kind); None for non-text tensors."""
+    if m := _LAYER_RE.match(canonical):
+        kind = LAYER_TENSORS.get(m.group(2))
+        if kind is None:
+            return None
+        return f"{TENSOR_NAMES[kind].format(bid=int(m.group(1)))}.{m.group(3)}", kind
+    if m := _GLOBAL_RE.match(canonical):
+        kind = GLOBAL_TENSORS[m.group(1)]
+        return f"{TENSOR_NAMES[kind]}.{m.group(2)}", kind
+    return None
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """[n_head*D, ...] rows from HF's half-split rope order to llama.cpp's interleaved order."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def chat_template() -> str:
+    """Upstream's prompt as Jinja (llama-cpp-python, llama.cpp), built from family.py.
+    A user turn: USER_TAG + IMAGE_LINE per image + text + newline + ASSISTANT_TAG;
+    an earlier answer: its text + ANSWER_SUFFIX. Content may be a string or parts."""
+    q = json.dumps   # a Jinja string literal with the same escapes as JSON
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}" + "{{ " + q(USER_TAG) + " }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+        "{%- for part in message['content'] -%}{%- if part['type'] in ['image', 'image_url'] -%}"
+        "{{ " + q(IMAGE_LINE) + " }}{%- endif -%}{%- endfor -%}"
+        "{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
+        "{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{{ " + q("\n" + ASSISTANT_TAG) + " }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ " + q(ANSWER_SUFFIX) + " }}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+# ------------------------------------------------------------- tensors ----
+def text_plan(ckpt, qtype) -> list[PlannedTensor]:
+    plan = []
+    for name in ckpt.names():
+        mapped = gguf_name(name)
+        if mapped is not None:
+            shape = tuple(ckpt.shape(name))
+            plan.append(PlannedTensor(mapped[0], shape, weight_qtype(shape, qtype)))
+    return plan
+
+
+def text_arrays(ckpt):
+    """(GGUF name, float32 array) for each text tensor, streamed shard by shard."""
+    heads = {kind: getattr(ckpt.text, attr) for kind, attr in PERMUTED_HEADS[ckpt.text.arch].items()}
+
+    def convert(name, tensor):
+        mapped = gguf_name(name)
+        if mapped is None:
+            return None
+        array = tensor.float().numpy()
+        if mapped[1] in heads:
+            array = permute_rope(array, heads[mapped[1]])
+        return mapped[0], array
+
+    return iter_mapped(ckpt.iter_tensors(), convert)
+
+
+# ------------------------------------------------------------ metadata ----
+def add_hparams(w: GGUFWriter, text) -> None:
+    w.add_context_length(text.max_position_embeddings)
+    w.add_embedding_length(text.hidden_size)
+    w.add_block_count(text.num_layers)
+    w.add_feed_forward_length(text.intermediate_size)
+    w.add_head_count(text.num_heads)
+    w.add_head_count_kv(text.num_kv_heads)
+    w.add_rope_dimension_count(text.hidden_size // text.num_heads)
+    w.add_layer_norm_rms_eps(text.rms_norm_eps)
+    w.add_rope_freq_base(text.rope_theta)
+    w.add_vocab_size(text.vocab_size)
+
+
+def _bpe_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
+    """Byte-level BPE (Qwen2): tokens, types, merges from tokenizer.json; rows past
+    the tokenizer become [PAD{id}] (UNUSED), as convert_hf_to_gguf does."""
+    data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    by_id = {i: (t, TokenType.NORMAL) for t, i in data["model"]["vocab"].items()}
+    for added in data.get("added_tokens", []):
+        kind = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind)
+    tokens, types = _fill_rows(by_id, n_rows)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    return {"model": "gpt2", "pre": "qwen2", "tokens": tokens, "types": types, "merges": merges}
+
+
+def _spm_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
+    """SentencePiece (Yi): pieces, scores and types from tokenizer.model."""
+    from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    path = tokenizer_dir / "tokenizer.model"
+    sp = SentencePieceProcessor(model_file=str(path))
+    by_id, scores = {}, {}
+    for i in range(sp.vocab_size()):
+        by_id[i] = (sp.IdToPiece(i), _spm_type(sp, i))
+        scores[i] = sp.GetScore(i)
+    config = tokenizer_dir / "tokenizer_config.json"
+    decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config.is_file() else {}
+    for i, entry in decoder.items():
+        kind = TokenType.CONTROL if entry.get("special") else TokenType.USER_DEFINED
+        by_id[int(i)] = (entry["content"], kind)
+        scores.setdefault(int(i), -1000.0)
+    tokens, types = _fill_rows(by_id, n_rows)
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    return {"model": "llama", "pre": "default", "tokens": tokens, "types": types,
+            "scores": [scores.get(i, -1000.0) for i in range(n_rows)],
+            "add_space_prefix": proto.normalizer_spec.add_dummy_prefix}
+
+
+def _spm_type(sp, i: int) -> TokenType:
+    checks = ((sp.IsUnknown, TokenType.UNKNOWN), (sp.IsControl, TokenType.CONTROL),
+              (sp.IsUnused, TokenType.UNUSED), (sp.IsByte, TokenType.BYTE))
+    for check, kind in checks:
+        if check(i):
+            return kind
+    return TokenType.USER_DEFINED if _is_user_defined(sp, i) else TokenType.NORMAL
+
+
+def _is_user_defined(sp, i: int) -> bool:
+    check = getattr(sp, "IsUserDefined", None) or getattr(sp, "is_user_defined", None)
+    return bool(check and check(i))
+
+
+def _fill_rows(by_id: dict, n_rows: int) -> tuple[list, list]:
+    if by_id and max(by_id) >= n_rows:
+        raise ModelFormatError(f"The tokenizer has token id {max(by_id)} but the model only {n_rows} "
+                               "embedding rows; the tokenizer files belong to another model.")
+    tokens = [by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED)) for i in range(n_rows)]
+    return [t for t, _ in tokens], [int(k) for _, k in tokens]
+
+
+VOCAB_READERS = {"qwen2": _bpe_vocab, "llama": _spm_vocab}
+
+
+def add_tokenizer(w: GGUFWriter, ckpt) -> None:
+    text = ckpt.text
+    vocab = VOCAB_READERS[text.arch](Path(ckpt.tokenizer_dir), text.vocab_size)
+    w.add_tokenizer_model(vocab["model"])
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    if "scores" in vocab:
+        w.add_token_scores(vocab["scores"])
+    if "merges" in vocab:
+        w.add_token_merges(vocab["merges"])
+    if "add_space_prefix" in vocab:
+        w.add_add_space_prefix(vocab["add_space_prefix"])
+    special = {w.add_bos_token_id: text.bos_token_id, w.add_eos_token_id: text.eos_token_id,
+               w.add_pad_token_id: text.pad_token_id}
+    for add, token_id in special.items():
+        if token_id is not None:
+            add(token_id)
+    w.add_add_bos_token(False)   # upstream adds no BOS
+    w.add_add_eos_token(False)
+    w.add_chat_template(chat_template())
+
+
+def write_text_gguf(ckpt, path: Path, qtype, file_type: int, name: str) -> Path:
+    """Write the text model in one ggml type (F32/F16/BF16/Q8_0; vectors stay F32)."""
+    arch = MODEL_ARCH_NAMES[TEXT_ARCH[ckpt.text.arch]]
+
+    def metadata(w: GGUFWriter) -> None:
+        w.add_name(name)
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_hparams(w, ckpt.text)
+        add_tokenizer(w, ckpt)
+
+    return write_streaming_gguf(path, arch, metadata, text_plan(ckpt, qtype), text_arrays(ckpt),
+                                desc=Path(path).name)

@@ -1,0 +1,236 @@
+"""The llama.cpp backend: a converted GGUF folder run by llama-cpp-python.
+
+Text runs in llama.cpp through the low-level batch API (our own batches, one KV
+cache). Image features come from vision.onnx on onnxruntime and are fed to
+llama.cpp as embeddings, because libmtmd's LLaVA graph is wrong in the vendored
+llama.cpp (see gguf_mtmd.py); libmtmd is used only when the folder's manifest
+records a passed self-test. Images always arrive preprocessed by image.py.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import HuatuoError, ModelFormatError
+from ..family import CONTEXT_LENGTH
+from ..manifest import check_sizes, files_with_role, read_manifest
+from .base import ImageEmbeds, Segment, segments_length
+from .gguf_native import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
+
+N_BATCH = 512
+EXACT_QUANTS = {"F32"}
+PROJECTION_DIM_KEY = "clip.vision.projection_dim"
+
+
+def physical_cores() -> int:
+    """Physical cores (llama.cpp gains nothing from hyper-threads); else half the CPU count."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    cores, physical = set(), None
+    for key, _, value in (line.partition(":") for line in lines):
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            cores.add((physical, value.strip()))
+    return len(cores) or max(1, (os.cpu_count() or 2) // 2)
+
+
+def open_engine(model_dir, *, quant: str | None = None, threads: int | None = None, n_ctx: int | None = None,
+                gpu_layers: int = 0, **ignored) -> "GgufEngine":
+    return GgufEngine(Path(model_dir), quant=quant, threads=threads or physical_cores(),
+                      n_ctx=n_ctx, gpu_layers=gpu_layers)
+
+
+# ------------------------------------------------------------- checks ----
+def _pick_text(folder: Path, manifest: dict, quant: str | None) -> Path:
+    entries = {name: e for name, e in manifest.get("files", {}).items() if e.get("role") == "text"}
+    chosen = [n for n, e in entries.items() if quant is None or str(e.get("quant", "")).upper() == quant.upper()]
+    if not chosen:
+        have = ", ".join(sorted(str(e.get("quant")) for e in entries.values())) or "none"
+        raise ModelFormatError(f"{folder} has no {quant} text GGUF (it has: {have}); "
+                               f"pick one of those or convert with --quant {quant}.")
+    return folder / sorted(chosen)[0]
+
+
+def _check_mmproj(folder: Path, manifest: dict, n_embd: int) -> Path | None:
+    """The mmproj must project to the text width: a swapped-in file from another model is named."""
+    mmprojs = files_with_role(folder, manifest, "mmproj")
+    for path in mmprojs:
+        width = read_gguf_metadata(path).get(PROJECTION_DIM_KEY)
+        if width != n_embd:
+            raise ModelFormatError(
+                f"{path.name} projects images to width {width} but the text model has {n_embd}: it belongs to "
+                f"another model; put back the mmproj converted with this model ({path.name} from the same "
+                "`huatuo-lite convert gguf` run).")
+    return mmprojs[0] if mmprojs else None
+
+
+def _check_vision(path: Path, n_embd: int, threads: int):
+    from .vision_onnx import OnnxVisionEncoder
+
+    encoder = OnnxVisionEncoder(path, threads=threads)
+    if encoder.hidden_size != n_embd:
+        encoder.close()
+        raise ModelFormatError(
+            f"{path.name} produces image features of width {encoder.hidden_size} but the text model has "
+            f"{n_embd}: it belongs to another model; put back the vision.onnx converted with this model.")
+    return encoder
+
+
+class GgufEngine:
+    """One llama.cpp model + context and one image encoder (see base.Engine)."""
+
+    name = "gguf"
+
+    def __init__(self, folder: Path, *, quant=None, threads: int = 1, n_ctx: int | None = None, gpu_layers: int = 0):
+        import llama_cpp
+
+        self._llama = llama_cpp
+        manifest = read_manifest(folder)
+        if manifest.get("format") != "gguf":
+            raise ModelFormatError(f"{folder} holds a {manifest.get('format')} model, not GGUF; "
+                                   "use --backend onnx or convert with `huatuo-lite convert gguf`.")
+        check_sizes(folder, manifest)
+        text = manifest["text"]
+        self.hidden_size = int(text["n_embd"])
+        self.text_path = _pick_text(folder, manifest, quant)
+        self.mmproj_path = _check_mmproj(folder, manifest, self.hidden_size)
+        self.n_ctx = int(n_ctx or min(text.get("n_ctx") or CONTEXT_LENGTH, CONTEXT_LENGTH))
+        self.eos_token_ids = frozenset(int(i) for i in text.get("eos_token_ids", []))
+        self.threads = threads
+        self._model = self._ctx = self._images = None
+        self._batches = []
+        quiet_llama()
+        self._model = load_model(self.text_path, gpu_layers)
+        self._check_text_width()
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        # an F32 model gets F32 attention too, so that it is the exact reference it is meant to be
+        exact = str(manifest["files"][self.text_path.name].get("quant")).upper() in EXACT_QUANTS
+        self._ctx = new_context(self._model, self.n_ctx, threads, N_BATCH, exact=exact)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._tokens = Batch(N_BATCH)
+        self._embeds = Batch(N_BATCH, self.hidden_size)
+        self._batches = [self._tokens, self._embeds]
+        self._images = self._image_encoder(folder, manifest, gpu_layers)
+        self._pos = 0
+
+    def _check_text_width(self) -> None:
+        width = self._llama.llama_model_n_embd(self._model)
+        if width != self.hidden_size:
+            raise ModelFormatError(f"{self.text_path.name} has width {width} but the manifest says "
+                                   f"{self.hidden_size}: the folder mixes files of two models; convert again.")
+
+    def _image_encoder(self, folder: Path, manifest: dict, gpu_layers: int):
+        if manifest.get("mtmd_self_test", {}).get("passed") and self.mmproj_path is not None:
+            from .gguf_mtmd import open_mtmd
+
+            return open_mtmd(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers > 0)
+        vision = files_with_role(folder, manifest, "vision")
+        if not vision:
+            raise ModelFormatError(f"{folder} has no vision.onnx (and this llama.cpp's image path fails its "
+                                   "self-test); convert the model again with `huatuo-lite convert gguf`.")
+        return _check_vision(vision[0], self.hidden_size, self.threads)
+
+    # --------------------------------------------------------------- text ----
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        for _ in range(2):
+            buf = (self._llama.llama_token * size)()
+            # parse_special=True: like HF, added special tokens written in the text are matched
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, size, False, True)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+        raise HuatuoError("llama.cpp could not tokenize the text.")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        buf = ctypes_buffer(64)
+        n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes_buffer(-n)
+            n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+        return bytes(buf.raw[:n])
+
+    # -------------------------------------------------------------- images ----
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self._images.encode(pixel_values)
+
+    # ------------------------------------------------------------ decoding ----
+    def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
+        total = segments_length(segments)
+        if total == 0:
+            raise HuatuoError("The prompt is empty.")
+        if total > self.n_ctx:
+            raise HuatuoError(f"The prompt needs {total} tokens but the context holds {self.n_ctx}; "
+                              "ask a shorter question, use fewer images or a larger --n-ctx.")
+        self._llama.llama_memory_clear(self._memory, True)
+        self._pos = 0
+        rows = []
+        for seg in segments:
+            rows.extend(self._feed(seg, all_logits, last=self._pos + _seg_len(seg) == total))
+        return np.stack(rows) if all_logits else rows[-1]
+
+    def step(self, token_id: int) -> np.ndarray:
+        if self._pos >= self.n_ctx:
+            raise HuatuoError(f"The answer reached the context length ({self.n_ctx} tokens); use a larger --n-ctx.")
+        return self._feed([token_id], False, last=True)[-1]
+
+    def _feed(self, seg: Segment, all_logits: bool, last: bool) -> list:
+        is_image = isinstance(seg, ImageEmbeds)
+        values = seg.features if is_image else seg
+        batch = self._embeds if is_image else self._tokens
+        rows, n = [], len(values)
+        for start in range(0, n, N_BATCH):
+            chunk = values[start:start + N_BATCH]
+            want = np.zeros(len(chunk), bool)
+            want[:] = all_logits
+            want[-1] |= last and start + len(chunk) == n
+            batch.fill(self._pos, len(chunk), want, **({"embd": chunk} if is_image else {"tokens": chunk}))
+            rc = self._llama.llama_decode(self._ctx, batch.batch)
+            if rc != 0:
+                raise HuatuoError(f"llama.cpp failed to decode (error {rc}); the context may be full.")
+            rows.extend(self._logits(i) for i in np.flatnonzero(want))
+            self._pos += len(chunk)
+        return rows
+
+    def _logits(self, index: int) -> np.ndarray:
+        ptr = self._llama.llama_get_logits_ith(self._ctx, int(index))
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
+
+    def close(self) -> None:
+        for batch in self._batches:
+            batch.close()
+        self._batches = []
+        if self._images is not None:
+            self._images.close()
+            self._images = None
+        if self._ctx:
+            self._llama.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            self._llama.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _seg_len(seg: Segment) -> int:
+    return len(seg.features) if isinstance(seg, ImageEmbeds) else len(seg)
+
+
+def ctypes_buffer(size: int):
+    import ctypes
+
+    return ctypes.create_string_buffer(size)
