@@ -2,6 +2,8 @@
 MONOCHROME1/2, 16-bit, multi-frame, colour, and the dispatch from image.load_image."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -141,3 +143,11 @@ def test_dicom_without_pixels_and_garbage(tmp_path):
     junk.write_bytes(b"this is not dicom at all" * 10)
     with pytest.raises(ImageError, match="DICOM"):
         im.load_image(junk)
+
+
+def test_missing_pydicom_says_how_to_install(tmp_path, monkeypatch):
+    path = write(tmp_path, make_dataset(np.zeros((4, 4), np.uint8), bits=8))
+    for module in ("pydicom", "pydicom.pixels"):
+        monkeypatch.setitem(sys.modules, module, None)   # import now fails
+    with pytest.raises(ImageError, match=r"needs pydicom: install huatuo-lite\[dicom\]"):
+        im.load_image(path)
