@@ -136,7 +136,7 @@ def _force_decode(img: Image.Image, name: str) -> None:
 
 
 def _too_large_sentence(name: str, size) -> str:
-    dims = f" is {size[0]}x{size[1]} pixels," if size else ""
+    dims = f" ({size[0]}x{size[1]} pixels)" if size else ""
     return (f"The image {name}{dims} is larger than the limit of {family.MAX_IMAGE_PIXELS:,} "
             "pixels (a guard against decompression bombs): downscale it first.")
 

@@ -205,7 +205,8 @@ def check_fits(n_prompt_tokens: int, max_new_tokens: int, n_ctx: int) -> None:
         raise PromptError(
             f"The prompt takes {n_prompt_tokens} tokens ({per_image}), "
             f"{n_prompt_tokens - n_ctx + 1} too many for the model's context of {n_ctx} to hold "
-            "even one answer token: use fewer images, a shorter question or a shorter conversation.")
+            "even one answer token: use fewer images, a shorter question or a shorter "
+            "conversation.")
     raise PromptError(
         f"The prompt ({n_prompt_tokens} tokens, {per_image}) plus --max-tokens {max_new_tokens} "
         f"overflows the model's context of {n_ctx} by {overflow} tokens: use --max-tokens "

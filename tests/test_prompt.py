@@ -75,7 +75,8 @@ class Upstream:
         """As chat(): history holds [moderated text with placeholders, answer]."""
         convs = []
         for turn in turns:
-            text = self.insert_image_placeholder(self.input_moderation(turn.question), turn.n_images)
+            text = self.input_moderation(turn.question)
+            text = self.insert_image_placeholder(text, turn.n_images)
             convs.append({'from': 'human', 'value': text})
             convs.append({'from': 'gpt', 'value': turn.answer})
         return self.preprocess_huatuo(convs)
@@ -226,7 +227,8 @@ BAD_TURNS = {
     "whitespace": ([pm.Turn(" \n\t ", 1)], "question is empty"),
     "only_moderated": ([pm.Turn("<s></s>")], "question is empty"),
     "image_marker": ([pm.Turn("what is <image> here", 1)], "'<image>'"),
-    "too_many_images": ([pm.Turn("a", 4, "b"), pm.Turn("c", 3)], "7 images but the model takes at most 6"),
+    "too_many_images": ([pm.Turn("a", 4, "b"), pm.Turn("c", 3)],
+                        "7 images but the model takes at most 6"),
     "negative_images": ([pm.Turn("a", -1)], "cannot have -1 images"),
     "open_earlier_turn": ([pm.Turn("a", 0), pm.Turn("b", 0)], "earlier turn has no answer"),
     "answered_last_turn": ([pm.Turn("a", 0, "b")], "last turn already has an answer"),
