@@ -151,3 +151,14 @@ def test_missing_pydicom_says_how_to_install(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, module, None)   # import now fails
     with pytest.raises(ImageError, match=r"needs pydicom: install huatuo-lite\[dicom\]"):
         im.load_image(path)
+
+
+def test_palette_colour_through_its_lut(tmp_path):
+    indices = np.array([[0, 1], [2, 3]], dtype=np.uint8)
+    ds = make_dataset(indices, "PALETTE COLOR", 8)
+    lut = {"Red": [65535, 0, 0, 32896], "Green": [0, 65535, 0, 32896], "Blue": [0, 0, 65535, 0]}
+    for colour, values in lut.items():
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [4, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", np.array(values, np.uint16).tobytes())
+    rgb = np.asarray(im.load_image(write(tmp_path, ds)))
+    assert rgb.reshape(4, 3).tolist() == [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 0]]
