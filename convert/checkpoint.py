@@ -67,6 +67,8 @@ HF_TEXT_ARCH = {"qwen2": "qwen2", "llama": "llama"}   # text_config.model_type -
 HF_DEFAULT_TEXT_TYPE = "llama"                        # LlavaConfig's default text_config
 VARIANT_BY_MODEL_TYPE = {v.model_type: v for v in VARIANTS.values()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# Non-persistent buffers that older transformers versions saved: not weights.
+BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def _swap_prefix(name: str, table: dict) -> str | None:
@@ -237,7 +239,8 @@ def open_checkpoint(path, allow_pickle: bool = False) -> Checkpoint:
     variant = _variant(config, root)
     stored = find_weights(root, allow_pickle)                   # stored name -> TensorEntry
     table = _layout(variant, stored, root)
-    entries = {to_canonical_name(n, table) if table else n: e for n, e in stored.items()}
+    entries = {to_canonical_name(n, table) if table else n: e for n, e in stored.items()
+               if not n.endswith(BUFFER_SUFFIXES)}
     shapes = {n: e.shape for n, e in entries.items()}
     arch, text_cfg = _text_part(variant, config, root)
     vit_cfg, select_layer, kind, mm_hidden = _vision_part(variant, config, root)

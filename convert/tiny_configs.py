@@ -2,6 +2,8 @@
 
 The llava configs carry the 4.40-era keys of the hub's HuatuoGPT-Vision-7B/34B
 (top-level rope_theta; mm_* keys; no mm_patch_merge_type, no
+mm_use_im_start_end -- upstream's llava_arch reads both with getattr defaults; we
+also leave out mm_use_im_patch_token, which LLaVA's trainer sets together with
 mm_use_im_start_end); the -hf config is transformers' 2024 LlavaConfig layout.
 Only the sizes are tiny. Architecture-level values (rope base, eps, positions,
 sliding window) are the upstream ones.
@@ -44,7 +46,7 @@ def _ids(bos, eos, pad) -> dict:
 def _mm_keys(s) -> dict:
     return {"freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad",
             "mm_hidden_size": s.vision_hidden_size, "mm_projector_lr": None,
-            "mm_projector_type": "mlp2x_gelu", "mm_use_im_patch_token": False,
+            "mm_projector_type": "mlp2x_gelu",
             "mm_vision_select_feature": "patch", "mm_vision_select_layer": VISION_SELECT_LAYER,
             "mm_vision_tower": "./" + VIT_SUBDIR, "tokenizer_model_max_length": CONTEXT_LENGTH,
             "tokenizer_padding_side": "right", "tune_mm_mlp_adapter": False, "use_mm_proj": True}
