@@ -212,6 +212,25 @@ def build_yi_tokenizer(out_dir, vocab_target=YI_VOCAB_TARGET) -> TokenizerInfo:
     _dump_json(out_dir / "special_tokens_map.json",
                {"bos_token": bos, "eos_token": eos, "pad_token": unk, "unk_token": unk})
     slow = LlamaTokenizer.from_pretrained(str(out_dir))
-    convert_slow_tokenizer(slow).save(str(out_dir / "tokenizer.json"))
+    fast = convert_slow_tokenizer(slow)
+    _check_same_ids(slow, fast)
+    fast.save(str(out_dir / "tokenizer.json"))
     return TokenizerInfo(size=len(slow), special_ids={t: i for i, t in enumerate(YI_SPECIALS)})
 
+
+
+# Strings where SentencePiece and its tokenizers conversion have diverged before:
+# leading/double spaces, digits, byte fallback, special-token text, CJK.
+_CHECK_TEXTS = (" leading space", "two  spaces\n\nand lines", "12345 mm", "émoji 🩺 ✓",
+                "<|endoftext|> after", "<|user|>\n<image>\n胸部X光片？\n<|assistant|>\n")
+
+
+def _check_same_ids(slow, fast) -> None:
+    """The runtime uses tokenizer.json (tokenizers), transformers may use the slow
+    SentencePiece tokenizer: they must agree id for id."""
+    for text in _CHECK_TEXTS + tuple(_corpus_lines(repeat=1)):
+        want = slow(text, add_special_tokens=False).input_ids
+        got = fast.encode(text, add_special_tokens=False).ids
+        if got != want:
+            raise RuntimeError(f"Converted Yi tokenizer.json disagrees with tokenizer.model on {text!r}: "
+                               f"{got} != {want}.")
