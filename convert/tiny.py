@@ -55,6 +55,25 @@ class TinySizes:
     num_shards: int = 3
 
 
+# (condition that must hold, why) -- checked before anything is written.
+SIZE_RULES = (
+    (lambda s: s.hidden_size % s.num_heads == 0, "hidden_size must be a multiple of num_heads"),
+    (lambda s: s.num_heads % s.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
+    (lambda s: s.vision_hidden_size % s.vision_heads == 0,
+     "vision_hidden_size must be a multiple of vision_heads"),
+    (lambda s: s.image_size % s.patch_size == 0, "image_size must be a multiple of patch_size"),
+    (lambda s: s.vision_intermediate_size != s.vision_hidden_size,
+     "vision_intermediate_size must differ from vision_hidden_size (llama.cpp swaps the CLIP ffn otherwise)"),
+    (lambda s: s.vision_layers >= 2, "vision_layers must be at least 2 (features come from layer -2)"),
+)
+
+
+def _check_sizes(sizes: TinySizes) -> None:
+    broken = next((why for rule, why in SIZE_RULES if not rule(sizes)), None)
+    if broken:
+        raise HuatuoError(f"Bad tiny sizes: {broken}.")
+
+
 def embedding_rows(tokenizer_size: int, multiple: int = 256) -> int:
     """Embedding rows strictly above the tokenizer size, like Qwen2 (152064 rows
     for 151646 tokens): the rows past the tokenizer are never produced by it."""
@@ -171,6 +190,8 @@ def make_tiny(out_dir, variant: str = "7b", seed: int = 0, **sizes) -> Path:
     if unknown:
         raise HuatuoError(f"Unknown tiny size {sorted(unknown)[0]!r}: known sizes are "
                           f"{', '.join(asdict(TinySizes()))}.")
+    chosen = replace(TinySizes(), **sizes)
+    _check_sizes(chosen)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise HuatuoError(f"{out} already exists and is not empty: choose a new folder.")
@@ -178,7 +199,7 @@ def make_tiny(out_dir, variant: str = "7b", seed: int = 0, **sizes) -> Path:
     # Build next to the target and rename when complete: never a half-written folder.
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        VARIANT_BUILDERS[variant](work, replace(TinySizes(), **sizes), seed)
+        VARIANT_BUILDERS[variant](work, chosen, seed)
         if out.exists():
             out.rmdir()
         work.rename(out)

@@ -254,6 +254,8 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path, tiny):
 @pytest.mark.parametrize("kwargs, words", [
     ({"variant": "13b"}, ["13b", "7b-hf"]),
     ({"hidden": 64}, ["hidden", "hidden_size"]),
+    ({"vision_intermediate_size": 256}, ["vision_intermediate_size", "differ"]),
+    ({"hidden_size": 250}, ["multiple of num_heads"]),
 ])
 def test_make_tiny_refuses_bad_arguments(tmp_path, kwargs, words):
     with pytest.raises(HuatuoError) as err:
