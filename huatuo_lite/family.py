@@ -102,3 +102,14 @@ DEMO_NOTICE = (
     "Using the bundled demo model: a pipeline demonstration trained on synthetic "
     "shapes, not a medical model."
 )
+
+# ------------------------------------------------------------ evaluation ----
+# Upstream eval.py's closed-question prompt: "{question}\nA. {opt}\nB. {opt}...\n" + suffix.
+EVAL_OPTION_LETTERS = "ABCDEFGHIJK"   # upstream opt_title: at most 11 options are shown
+EVAL_ANSWER_SUFFIX = "Answer with the option's letter from the given choices directly."
+# Upstream generates up to 256 tokens, but its scorer reads only the first
+# standalone letter, which an instructed model gives in its first few tokens;
+# 16 leaves room for "The answer is (B)." or "答案是B" and keeps a benchmark
+# run ~16x cheaper than 256. Raise it (--max-tokens) for chatty models.
+EVAL_MAX_NEW_TOKENS = 16
+EVAL_SKIPPED_QUESTION_TYPES = ("open",)   # upstream scores closed questions only
