@@ -2,7 +2,8 @@
 decoder.onnx (+ .data files) + tokenizer files + manifest.json.
 
 The three graphs follow onnxruntime-genai's layout for vision models. They are
-exported once in fp32 (torch.onnx dynamo exporter, see onnx_text/onnx_vision),
+exported once in fp32 (torch.onnx, TorchScript exporter by default, see
+onnx_graph; our own small decoder module, see onnx_text),
 then quantized by onnxruntime's own tools (onnx_quant); `quantize_onnx` makes a
 quantized folder from an fp32 one without torch. Everything is written in a
 staging folder and moved into OUT_DIR when complete; fp32 intermediates of a
@@ -28,7 +29,7 @@ from huatuo_lite.fsutil import ensure_writable_dir, staging_dir
 from huatuo_lite.manifest import check_sizes, file_entry, read_manifest, write_manifest
 
 from .checkpoint import open_checkpoint
-from .onnx_graph import check_graph
+from .onnx_graph import EXPORTERS, check_graph
 from .onnx_quant import QUANT_BITS, QUANT_MODES, VISION_QUANT_MODES, check_mode, quantize_graph
 from .onnx_text import export_decoder, export_embed
 from .onnx_vision import export_vision
@@ -45,17 +46,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
-                force_external_data: bool = False) -> Path:
+                force_external_data: bool = False, exporter: str = "torchscript") -> Path:
     """Convert `src` into `out_dir`; returns the path of decoder.onnx."""
     _check_options(quant, vision_quant, block_size)
+    if exporter not in EXPORTERS:
+        raise HuatuoError(f"Unknown ONNX exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}.")
     ckpt = open_checkpoint(src)
     if quant == "fp32" and vision_quant == "fp32":
         with staging_dir(out_dir) as stage:
-            _export_fp32(ckpt, stage, force_external_data)
+            _export_fp32(ckpt, stage, force_external_data, exporter)
         return Path(out_dir) / DECODER
     ensure_writable_dir(Path(out_dir))
     with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir) as scratch:
-        _export_fp32(ckpt, Path(scratch), False)
+        _export_fp32(ckpt, Path(scratch), False, exporter)
         return quantize_onnx(scratch, out_dir, quant, vision_quant, block_size, force_external_data)
 
 
@@ -93,13 +96,13 @@ def _check_options(quant: str, vision_quant: str, block_size: int) -> None:
         raise HuatuoError(f"--block-size {block_size} is not supported: use a power of two >= 16 (32 is the default).")
 
 
-def _export_fp32(ckpt, folder: Path, force_external_data: bool) -> None:
+def _export_fp32(ckpt, folder: Path, force_external_data: bool, exporter: str) -> None:
     """The three fp32 graphs, the tokenizer files and the manifest into `folder`."""
     files = {}
     steps = tqdm(GRAPHS.items(), desc="onnx export", unit="graph", leave=False)
-    for name, (role, exporter) in steps:
+    for name, (role, export) in steps:
         steps.set_postfix_str(name)
-        written = exporter(ckpt, folder / name, force_external_data=force_external_data)
+        written = export(ckpt, folder / name, force_external_data=force_external_data, exporter=exporter)
         check_graph(folder / name)
         files.update(_graph_entries(name, written, "fp32"))
     for path in copy_tokenizer(ckpt, folder):

@@ -1,35 +1,103 @@
 """Export one torch module to one ONNX graph file, and check it.
 
-Route: `torch.onnx.export(..., dynamo=True)` (the maintained exporter; the
-TorchScript one is deprecated in torch 2.9+). Graphs larger than protobuf's 2 GB
-limit keep their weights in one `<graph>.onnx.data` file beside them; tests can
-force that layout on a tiny model. Everything here works on file paths, never on
-an in-memory proto > 2 GB (onnx.checker/onnx.save fail on those with EncodeError).
+Two exporters, both exact in fp32 here (max relative logit error ~1e-6 against
+torch on the tiny decoder, with and without past, batch 1 and 3):
+
+  torchscript  torch.onnx.export(dynamo=False), the default: ~30x faster on
+               the tiny models (decoder 0.7 s vs 22 s on this 2-core machine),
+               readable symbolic dims (b, l, p, s). Deprecated by torch since
+               2.9 but present in 2.13.
+  dynamo       torch.onnx.export(dynamo=True), the maintained route; kept as an
+               option for when the TorchScript exporter is removed.
+
+Graphs larger than protobuf's 2 GB limit keep their weights in one
+`<graph>.onnx.data` file beside them; tests can force that layout on a tiny
+model. Everything here works on file paths, never on an in-memory proto > 2 GB
+(onnx.checker/onnx.save fail on those with EncodeError).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
+import tempfile
 import warnings
 from pathlib import Path
 
+from huatuo_lite.errors import HuatuoError
+
 PROTOBUF_LIMIT = 2 * 1024**3  # bytes; a single .onnx protobuf cannot exceed 2 GB
 OPSET = 18
+EXPORTERS = ("torchscript", "dynamo")
 
 
 def export_graph(module, args: tuple, path: Path, *, input_names: list, output_names: list,
-                 dynamic_shapes, force_external_data: bool = False) -> list[Path]:
-    """Export `module(*args)` to `path`. Returns the files written (the graph,
-    then its external data file if any). `args` must use batch >= 2: a batch-1
-    example is specialised to a static 1 even when marked dynamic."""
+                 dynamic_axes: dict, force_external_data: bool = False,
+                 exporter: str = "torchscript") -> list[Path]:
+    """Export `module(*args)` to `path`; returns the files written (the graph, then
+    its external data file if any). `dynamic_axes`: {input/output name: {dim: label}}.
+    `args` must use batch >= 2 and distinct sizes >= 2 for every dynamic dim
+    (a size-1 example may be specialised to a static 1)."""
+    runners = {"torchscript": _torchscript, "dynamo": _dynamo}
+    if exporter not in runners:
+        raise HuatuoError(f"Unknown ONNX exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}.")
+    module.eval()
+    external = _needs_external(module, force_external_data)
+    if not external:
+        runners[exporter](module, args, path, input_names, output_names, dynamic_axes)
+        return graph_files(path)
+    # Big graph: export into scratch (the TorchScript exporter writes one file per
+    # tensor past 2 GB), then re-save with every weight in one .data file.
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as scratch:
+        tmp = Path(scratch) / path.name
+        runners[exporter](module, args, tmp, input_names, output_names, dynamic_axes)
+        return save_graph(onnx.load(str(tmp)), path, force_external_data=True)
+
+
+def _torchscript(module, args, path, input_names, output_names, dynamic_axes):
     import torch
 
-    module.eval()
     with torch.no_grad(), _quiet():
-        program = torch.onnx.export(
-            module, args, dynamo=True, input_names=input_names, output_names=output_names,
-            dynamic_shapes=dynamic_shapes, opset_version=OPSET, optimize=True, verbose=False)
-    program.save(str(path), external_data=_needs_external(module, force_external_data))
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
+                          do_constant_folding=True)
+
+
+def _dynamo(module, args, path, input_names, output_names, dynamic_axes):
+    import torch
+
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(module, args, dynamo=True, input_names=input_names,
+                                    output_names=output_names, opset_version=OPSET, optimize=True,
+                                    dynamic_shapes=_dynamic_shapes(module, input_names, dynamic_axes))
+    program.save(str(path), external_data=False)
+
+
+def _dynamic_shapes(module, input_names: list, dynamic_axes: dict) -> tuple:
+    """dynamic_axes -> dynamo's dynamic_shapes, nested like forward's arguments
+    (a *varargs tail is one nested tuple)."""
+    import torch
+
+    flat = [{dim: torch.export.Dim.DYNAMIC for dim in dynamic_axes.get(name, {})} for name in input_names]
+    params = list(inspect.signature(module.forward).parameters.values())
+    fixed = sum(p.kind != p.VAR_POSITIONAL for p in params)
+    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in params)
+    return (*flat[:fixed], tuple(flat[fixed:])) if has_varargs else tuple(flat)
+
+
+def save_graph(model, path: Path, force_external_data: bool = False) -> list[Path]:
+    """Save a proto; its weights go to `<name>.data` past 2 GB or when forced."""
+    import onnx
+
+    size = sum(init.ByteSize() for init in model.graph.initializer)
+    external = force_external_data or size > PROTOBUF_LIMIT * 0.9
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data_path(path).name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
     return graph_files(path)
 
 
@@ -58,7 +126,7 @@ def check_graph(path: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """The dynamo exporter prints progress lines and warnings per graph."""
+    """The exporters print progress lines and deprecation warnings per graph."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from huatuo_lite.errors import HuatuoError
 
-from .onnx_graph import PROTOBUF_LIMIT, external_data_path, graph_files
+from .onnx_graph import external_data_path, graph_files, save_graph
 
 QUANT_BITS = {"int4": 4, "int8": 8}
 QUANT_MODES = ("fp32", "fp16", "int8", "int4")
@@ -35,20 +35,6 @@ def check_mode(mode: str, allowed=QUANT_MODES, what: str = "--quant") -> str:
     if mode not in allowed:
         raise HuatuoError(f"{what} {mode!r} is not supported: choose one of {', '.join(allowed)}.")
     return mode
-
-
-def save_graph(model, path: Path, force_external_data: bool = False) -> list[Path]:
-    """Save a proto; its weights go to `<name>.data` past 2 GB or when forced."""
-    import onnx
-
-    size = sum(init.ByteSize() for init in model.graph.initializer)
-    external = force_external_data or size > PROTOBUF_LIMIT * 0.9
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external_data_path(path).name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    return graph_files(path)
 
 
 def _nbits(src: Path, dst: Path, *, bits: int, block_size: int, gather: bool, force: bool) -> list[Path]:

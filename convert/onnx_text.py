@@ -187,22 +187,24 @@ def decoder_example(t, batch: int = 2, length: int = 3, past: int = 5):
     return (embeds, mask, positions, *kv)
 
 
-def export_decoder(ckpt, path: Path, force_external_data: bool = False) -> list[Path]:
+def export_decoder(ckpt, path: Path, force_external_data: bool = False, exporter: str = "torchscript") -> list[Path]:
     t = ckpt.text
-    auto = torch.export.Dim.DYNAMIC
-    kv_dims = {0: auto, 2: auto}
-    dynamic = ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto},
-               tuple(kv_dims for _ in range(2 * t.num_layers)))
+    past_names = kv_names(t.num_layers, "past_key_values")
+    present_names = kv_names(t.num_layers, "present")
+    axes = {"inputs_embeds": {0: "b", 1: "l"}, "attention_mask": {0: "b", 1: "s"},
+            "position_ids": {0: "b", 1: "l"}, "logits": {0: "b", 1: "l"}}
+    axes.update({name: {0: "b", 2: "p"} for name in past_names})
+    axes.update({name: {0: "b", 2: "s"} for name in present_names})
     return export_graph(
         build_decoder(ckpt), decoder_example(t), path,
-        input_names=["inputs_embeds", "attention_mask", "position_ids", *kv_names(t.num_layers, "past_key_values")],
-        output_names=["logits", *kv_names(t.num_layers, "present")],
-        dynamic_shapes=dynamic, force_external_data=force_external_data)
+        input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
+        output_names=["logits", *present_names], dynamic_axes=axes,
+        force_external_data=force_external_data, exporter=exporter)
 
 
-def export_embed(ckpt, path: Path, force_external_data: bool = False) -> list[Path]:
+def export_embed(ckpt, path: Path, force_external_data: bool = False, exporter: str = "torchscript") -> list[Path]:
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int64)   # batch 2: dynamic batch
-    auto = torch.export.Dim.DYNAMIC
+    axes = {"input_ids": {0: "b", 1: "l"}, "inputs_embeds": {0: "b", 1: "l"}}
     return export_graph(build_embed(ckpt), (ids,), path, input_names=["input_ids"],
-                        output_names=["inputs_embeds"], dynamic_shapes=({0: auto, 1: auto},),
-                        force_external_data=force_external_data)
+                        output_names=["inputs_embeds"], dynamic_axes=axes,
+                        force_external_data=force_external_data, exporter=exporter)

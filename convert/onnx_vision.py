@@ -102,12 +102,12 @@ def _load_strict(module: nn.Module, state: dict, what: str) -> None:
             f"unexpected {result.unexpected_keys[:3]}); the checkpoint is incomplete or not supported.")
 
 
-def export_vision(ckpt, path: Path, force_external_data: bool = False) -> list[Path]:
+def export_vision(ckpt, path: Path, force_external_data: bool = False, exporter: str = "torchscript") -> list[Path]:
     """Write vision.onnx (+ data file). Returns the files written."""
     graph = build_vision_graph(ckpt)
     size = ckpt.vision.image_size
     example = torch.zeros(2, 3, size, size)   # batch 2 so the batch dim stays dynamic
     example.normal_(generator=torch.Generator().manual_seed(0))
-    dynamic = ({0: torch.export.Dim("images")},)
+    axes = {INPUT_NAME: {0: "images"}, OUTPUT_NAME: {0: "images"}}
     return export_graph(graph, (example,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                        dynamic_shapes=dynamic, force_external_data=force_external_data)
+                        dynamic_axes=axes, force_external_data=force_external_data, exporter=exporter)

@@ -20,6 +20,8 @@ from .vision_onnx import OnnxVisionEncoder, make_session
 
 PREFILL_CHUNK = 512      # positions per decoder call in prefill: bounds the [L, V] logits buffer
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 DECODER_INPUTS = {"inputs_embeds", "attention_mask", "position_ids"}
 
 
@@ -73,11 +75,29 @@ class TokenizerFile:
             raise ModelFormatError(f"{path} cannot be read as a tokenizer ({exc}); convert the model again.") from None
         decoder = json.dumps(json.loads(self.tokenizer.to_str()).get("decoder"))
         self.kind = "byte_level" if "ByteLevel" in decoder else "sentencepiece"
-        # special tokens (<|endoftext|>, <image>) have no text, as upstream decodes with
-        # skip_special_tokens=True; other added tokens are their plain text
-        self.added = {i: b"" if t.special else t.content.encode("utf-8")
+        # Special tokens (<|endoftext|>, <unk>, <image>) have no text, as upstream decodes
+        # with skip_special_tokens=True; other added tokens are their plain text.
+        specials = self._special_ids(path.with_name(TOKENIZER_CONFIG_FILE))
+        self.added = {i: b"" if t.special or i in specials else t.content.encode("utf-8")
                       for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+        self.added.update({i: b"" for i in specials})
         self._bytes: dict = {}
+
+    def _special_ids(self, config_path: Path) -> set:
+        """Ids transformers counts as special: tokenizer_config.json's special added
+        tokens and its named bos/eos/unk/pad tokens (these may live in the model's
+        own vocabulary, like SentencePiece's <unk>, not among the added tokens)."""
+        if not config_path.is_file():
+            return set()
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        ids = {int(i) for i, t in config.get("added_tokens_decoder", {}).items() if t.get("special")}
+        for key in SPECIAL_TOKEN_KEYS:
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            token_id = self.tokenizer.token_to_id(token) if isinstance(token, str) else None
+            if token_id is not None:
+                ids.add(token_id)
+        return ids
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -1,0 +1,93 @@
+"""Session-scoped ONNX exports of the tiny checkpoints (exports are slow: each
+fp32 export is done once, every quant is made from it with quantize_onnx).
+
+Import the fixtures into a test module with
+`from fixtures_onnx import *  # noqa: F401,F403`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from huatuo_lite.backends import load_backend  # noqa: E402
+from huatuo_lite.prompt import Turn, build_segments  # noqa: E402
+
+__all__ = ["onnx_7b", "onnx_34b", "onnx_7b_int8", "onnx_7b_int4", "onnx_7b_fp16", "ref_7b", "ref_34b",
+           "pixels", "prompt_segments", "open_onnx"]
+
+
+@pytest.fixture(scope="session")
+def onnx_7b(tiny_7b, tmp_path_factory):
+    from huatuo_lite.convert.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-7b-fp32")
+    export_onnx(tiny_7b, out, quant="fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_34b(tiny_34b, tmp_path_factory):
+    """The 34B (llama/Yi, SentencePiece) export uses the >2 GB layout: every graph's
+    weights in a .data file, so the fp32 checks also prove that layout loads."""
+    from huatuo_lite.convert.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx-34b-fp32-external")
+    export_onnx(tiny_34b, out, quant="fp32", force_external_data=True)
+    return out
+
+
+def _quantized(fp32_dir, tmp_path_factory, quant, **options):
+    from huatuo_lite.convert.onnx_export import quantize_onnx
+
+    out = tmp_path_factory.mktemp(f"onnx-7b-{quant}")
+    quantize_onnx(fp32_dir, out, quant=quant, **options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_7b_int8(onnx_7b, tmp_path_factory):
+    return _quantized(onnx_7b, tmp_path_factory, "int8", vision_quant="int8")
+
+
+@pytest.fixture(scope="session")
+def onnx_7b_int4(onnx_7b, tmp_path_factory):
+    return _quantized(onnx_7b, tmp_path_factory, "int4")
+
+
+@pytest.fixture(scope="session")
+def onnx_7b_fp16(onnx_7b, tmp_path_factory):
+    return _quantized(onnx_7b, tmp_path_factory, "fp16")
+
+
+@pytest.fixture(scope="session")
+def ref_7b(tiny_7b):
+    engine = load_backend("torch").open_engine(tiny_7b, threads=1)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def ref_34b(tiny_34b):
+    engine = load_backend("torch").open_engine(tiny_34b, threads=1)
+    yield engine
+    engine.close()
+
+
+def open_onnx(folder):
+    return load_backend("onnx").open_engine(folder, threads=1)
+
+
+@pytest.fixture(scope="session")
+def pixels():
+    """Two normalized 336x336 'images' [2, 3, 336, 336] (values like CLIP inputs)."""
+    return np.random.default_rng(0).standard_normal((2, 3, 336, 336)).astype(np.float32)
+
+
+def prompt_segments(engine, features, question="What abnormality is seen in this chest X-ray?"):
+    """The upstream prompt for len(features) images, as prefill segments."""
+    turns = [Turn(question=question, n_images=len(features))]
+    return build_segments(turns, engine.tokenize, list(features))
