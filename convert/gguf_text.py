@@ -69,18 +69,20 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def chat_template() -> str:
     """Upstream's prompt as Jinja (llama-cpp-python, llama.cpp), built from family.py.
-    A user turn: USER_TAG + IMAGE_LINE per image + text + newline + ASSISTANT_TAG;
-    an earlier answer: its text + ANSWER_SUFFIX. Content may be a string or parts."""
+    A user turn: USER_TAG + (IMAGE_LINE per image + text, stripped) + newline +
+    ASSISTANT_TAG; an earlier answer: its text + ANSWER_SUFFIX (as prompt.render).
+    Content may be a string or OpenAI-style parts (images counted, texts joined)."""
     q = json.dumps   # a Jinja string literal with the same escapes as JSON
     return (
         "{%- for message in messages -%}"
-        "{%- if message['role'] == 'user' -%}" + "{{ " + q(USER_TAG) + " }}"
-        "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
-        "{%- for part in message['content'] -%}{%- if part['type'] in ['image', 'image_url'] -%}"
-        "{{ " + q(IMAGE_LINE) + " }}{%- endif -%}{%- endfor -%}"
-        "{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
-        "{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
-        "{{ " + q("\n" + ASSISTANT_TAG) + " }}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if message['content'] is string -%}{%- set user = message['content'] -%}{%- else -%}"
+        "{%- set ns = namespace(images='', text='') -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] in ['image', 'image_url'] -%}{%- set ns.images = ns.images + " + q(IMAGE_LINE) + " -%}"
+        "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+        "{%- endfor -%}{%- set user = ns.images + ns.text -%}{%- endif -%}"
+        "{{ " + q(USER_TAG) + " }}{{ user | trim }}{{ " + q("\n" + ASSISTANT_TAG) + " }}"
         "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ " + q(ANSWER_SUFFIX) + " }}"
         "{%- endif -%}{%- endfor -%}"
     )

@@ -21,7 +21,9 @@ from .base import ImageEmbeds, Segment, segments_length
 from .gguf_native import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
 
 N_BATCH = 512
-EXACT_QUANTS = {"F32"}
+# unquantized weights get F32 attention: with llama.cpp's F16 KV cache + flash attention
+# an F16 model's logits were 1.2e-3 off the reference (2.5x more) and greedy flipped at near-ties
+EXACT_QUANTS = {"F32", "F16", "BF16"}
 PROJECTION_DIM_KEY = "clip.vision.projection_dim"
 
 
@@ -96,11 +98,12 @@ class GgufEngine:
         if manifest.get("format") != "gguf":
             raise ModelFormatError(f"{folder} holds a {manifest.get('format')} model, not GGUF; "
                                    "use --backend onnx or convert with `huatuo-lite convert gguf`.")
-        check_sizes(folder, manifest)
         text = manifest["text"]
         self.hidden_size = int(text["n_embd"])
         self.text_path = _pick_text(folder, manifest, quant)
+        # the width check first: a swapped-in mmproj gets the sentence naming it, not "replaced"
         self.mmproj_path = _check_mmproj(folder, manifest, self.hidden_size)
+        check_sizes(folder, manifest)
         self.n_ctx = int(n_ctx or min(text.get("n_ctx") or CONTEXT_LENGTH, CONTEXT_LENGTH))
         self.eos_token_ids = frozenset(int(i) for i in text.get("eos_token_ids", []))
         self.threads = threads
@@ -111,7 +114,6 @@ class GgufEngine:
         self._check_text_width()
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        # an F32 model gets F32 attention too, so that it is the exact reference it is meant to be
         exact = str(manifest["files"][self.text_path.name].get("quant")).upper() in EXACT_QUANTS
         self._ctx = new_context(self._model, self.n_ctx, threads, N_BATCH, exact=exact)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -133,10 +135,7 @@ class GgufEngine:
 
             return open_mtmd(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers > 0)
         vision = files_with_role(folder, manifest, "vision")
-        if not vision:
-            raise ModelFormatError(f"{folder} has no vision.onnx (and this llama.cpp's image path fails its "
-                                   "self-test); convert the model again with `huatuo-lite convert gguf`.")
-        return _check_vision(vision[0], self.hidden_size, self.threads)
+        return _check_vision(vision[0], self.hidden_size, self.threads) if vision else None
 
     # --------------------------------------------------------------- text ----
     def tokenize(self, text: str) -> list[int]:
@@ -152,15 +151,20 @@ class GgufEngine:
         raise HuatuoError("llama.cpp could not tokenize the text.")
 
     def token_bytes(self, token_id: int) -> bytes:
+        """Raw bytes of a token; control tokens (<|endoftext|>...) give b"" as in the reference."""
         buf = ctypes_buffer(64)
-        n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+        n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
         if n < 0:
             buf = ctypes_buffer(-n)
-            n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+            n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
         return bytes(buf.raw[:n])
 
     # -------------------------------------------------------------- images ----
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self._images is None:   # a text-only conversion (vision_onnx=False)
+            raise ModelFormatError(f"{self.text_path.parent} has no vision.onnx, so it cannot read images "
+                                   "(this llama.cpp's own image path fails its self-test); convert the model "
+                                   "again with `huatuo-lite convert gguf`.")
         return self._images.encode(pixel_values)
 
     # ------------------------------------------------------------ decoding ----
