@@ -58,13 +58,22 @@ class Spec:
 
 
 # ----------------------------------------------------------------- specs ----
+# format -> the quants a manifest says its *language model* is stored in (a GGUF
+# folder's mmproj or an ONNX folder's vision graph may carry another quant)
+MANIFEST_QUANTS = {
+    "gguf": lambda m: {str(e.get("quant")).upper() for e in m.get("files", {}).values()
+                       if e.get("role") == "text" and e.get("quant")},
+    "onnx": lambda m: {str(m.get("onnx", {}).get("quant")).upper()} if m.get("onnx", {}).get("quant") else set(),
+}
+
+
 def _manifest_quants(folder: Path) -> tuple[str | None, set]:
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, set()
-    quants = {str(e.get("quant")).upper() for e in manifest.get("files", {}).values() if e.get("quant")}
-    return manifest.get("format"), quants
+    fmt = manifest.get("format")
+    return fmt, MANIFEST_QUANTS.get(fmt, lambda m: set())(manifest)
 
 
 def _candidates(root: Path) -> list[Path]:

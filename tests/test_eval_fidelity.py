@@ -14,10 +14,16 @@ from huatuo_lite.errors import HuatuoError
 from huatuo_lite.evaluate import compact_logprobs, load_items, log_softmax
 
 
-def _converted(folder: Path, fmt: str, *quants) -> Path:
+def _converted(folder: Path, fmt: str, *quants, mmproj: str = "F16") -> Path:
+    """A converted folder's manifest as the converters write it."""
     folder.mkdir(parents=True)
     files = {f"m-{q}.bin": {"role": "text", "quant": q, "size": 0, "sha256": ""} for q in quants}
-    (folder / "manifest.json").write_text(json.dumps({"format": fmt, "files": files}), encoding="utf-8")
+    manifest = {"format": fmt, "files": files}
+    if fmt == "gguf":
+        files["mmproj.gguf"] = {"role": "mmproj", "quant": mmproj, "size": 0, "sha256": ""}
+    else:
+        manifest["onnx"] = {"quant": quants[0], "vision_quant": "int8"}
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return folder
 
 
@@ -25,7 +31,7 @@ def test_specs_find_their_folders(tmp_path):
     model = tmp_path / "upstream"
     model.mkdir()
     q8 = _converted(tmp_path / "gguf" / "q8", "gguf", "Q8_0")
-    q4 = _converted(tmp_path / "gguf" / "q4", "gguf", "Q4_K_M")
+    q4 = _converted(tmp_path / "gguf" / "q4", "gguf", "Q4_K_M", mmproj="Q8_0")   # mmproj quant: no match
     int8 = _converted(tmp_path / "onnx-int8", "onnx", "int8")
     specs = fidelity.parse_specs(f"gguf:q8_0,reference,onnx:int8,gguf:Q4_K_M={q4}", model)
     assert [(s.name, s.backend, s.path) for s in specs] == [
