@@ -61,9 +61,12 @@ def _nbits(src: Path, dst: Path, *, bits: int, block_size: int, gather: bool, fo
 def _fp16(src: Path, dst: Path, *, force: bool, **_) -> list[Path]:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=True)
-    return save_graph(model, dst, force)
+    wrapped = OnnxModel(model)
+    wrapped.topological_sort()      # the converter appends its input casts last; the checker wants order
+    return save_graph(wrapped.model, dst, force)
 
 
 def _fp32(src: Path, dst: Path, *, force: bool, **_) -> list[Path]:
