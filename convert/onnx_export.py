@@ -46,12 +46,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
-                force_external_data: bool = False, exporter: str = "torchscript") -> Path:
+                force_external_data: bool = False, exporter: str = "torchscript",
+                allow_pickle: bool = False) -> Path:
     """Convert `src` into `out_dir`; returns the path of decoder.onnx."""
     _check_options(quant, vision_quant, block_size)
     if exporter not in EXPORTERS:
         raise HuatuoError(f"Unknown ONNX exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}.")
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     if quant == "fp32" and vision_quant == "fp32":
         with staging_dir(out_dir) as stage:
             _export_fp32(ckpt, stage, force_external_data, exporter)
