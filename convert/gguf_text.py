@@ -132,14 +132,34 @@ def add_hparams(w: GGUFWriter, text) -> None:
 def _bpe_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
     """Byte-level BPE (Qwen2): tokens, types, merges from tokenizer.json; rows past
     the tokenizer become [PAD{id}] (UNUSED), as convert_hf_to_gguf does."""
-    data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    by_id = {i: (t, TokenType.NORMAL) for t, i in data["model"]["vocab"].items()}
-    for added in data.get("added_tokens", []):
-        kind = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
-        by_id[added["id"]] = (added["content"], kind)
+    vocab, merges, added = _bpe_files(tokenizer_dir)
+    by_id = {i: (t, TokenType.NORMAL) for t, i in vocab.items()}
+    for token_id, (content, special) in added.items():
+        by_id[token_id] = (content, TokenType.CONTROL if special else TokenType.USER_DEFINED)
     tokens, types = _fill_rows(by_id, n_rows)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
     return {"model": "gpt2", "pre": "qwen2", "tokens": tokens, "types": types, "merges": merges}
+
+
+def _bpe_files(tokenizer_dir: Path) -> tuple[dict, list, dict]:
+    """(vocab, merges, {id: (content, special)}) from tokenizer.json, or else from the
+    slow tokenizer's vocab.json + merges.txt + tokenizer_config.json."""
+    fast = tokenizer_dir / "tokenizer.json"
+    if fast.is_file():
+        data = json.loads(fast.read_text(encoding="utf-8"))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+        added = {a["id"]: (a["content"], bool(a.get("special"))) for a in data.get("added_tokens", [])}
+        return data["model"]["vocab"], merges, added
+    try:
+        vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+        lines = (tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        raise ModelFormatError(f"{tokenizer_dir} has neither tokenizer.json nor vocab.json + merges.txt; "
+                               "download the tokenizer files of the model too.") from None
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    config = tokenizer_dir / "tokenizer_config.json"
+    decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config.is_file() else {}
+    added = {int(i): (e["content"], bool(e.get("special"))) for i, e in decoder.items()}
+    return vocab, merges, added
 
 
 def _spm_vocab(tokenizer_dir: Path, n_rows: int) -> dict:

@@ -113,7 +113,8 @@ def _teacher_forced(engine, ref, question):
 
 
 # Random weights quantize far worse than trained ones: regression guards only.
-QUANT_BOUNDS = {"gguf_7b_q8_0": (0.95, 0.01), "gguf_7b_q4_k_m": (0.60, 0.25)}
+# Measured on the tiny 7B: Q8_0 0.978 / 2e-5, Q4_K_M 0.72 / 1.2e-3 (top-1 agreement / mean KL).
+QUANT_BOUNDS = {"gguf_7b_q8_0": (0.95, 1e-3), "gguf_7b_q4_k_m": (0.60, 1e-2)}
 
 
 @pytest.mark.parametrize("name", sorted(QUANT_BOUNDS))
@@ -122,7 +123,7 @@ def test_quantized_teacher_forced(name, engines, torch_7b):
     results = [_teacher_forced(engine, torch_7b, q) for q in QUESTIONS]
     top1 = float(np.mean([r[0] for r in results]))
     kl = float(np.mean([r[1] for r in results]))
-    print(f"{name}: teacher-forced top-1 agreement {top1:.3f}, mean KL {kl:.4f}")
+    print(f"{name}: teacher-forced top-1 agreement {top1:.3f}, mean KL {kl:.2e}")
     min_top1, max_kl = QUANT_BOUNDS[name]
     assert top1 >= min_top1 and kl <= max_kl
 

@@ -217,3 +217,31 @@ def test_mismatched_mmproj(gguf_7b_f16, tmp_path_factory, tmp_path):
     message = str(info.value)
     print(message)
     assert mine.name in message and "512" in message and "256" in message and _one_sentence(message)
+
+
+def test_slow_tokenizer_files_give_the_same_vocab(tiny_7b, tmp_path):
+    """Some hub folders ship only vocab.json + merges.txt: same tokens, types and merges."""
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.gguf_text import VOCAB_READERS
+
+    rows = open_checkpoint(tiny_7b).text.vocab_size
+    folder = _copy(tiny_7b, tmp_path)
+    fast = VOCAB_READERS["qwen2"](folder, rows)
+    (folder / "tokenizer.json").unlink()
+    assert VOCAB_READERS["qwen2"](folder, rows) == fast and len(fast["merges"]) > 100
+
+
+def test_passed_self_test_switches_images_to_libmtmd(gguf_7b_f32, tmp_path):
+    """The day the self-test passes, the backend takes libmtmd's features by itself."""
+    from huatuo_lite.backends.gguf_mtmd import MtmdEncoder
+
+    folder = _copy(gguf_7b_f32, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["mtmd_self_test"]["passed"] = True
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    engine = open_gguf(folder)
+    try:
+        assert isinstance(engine._images, MtmdEncoder)
+        assert engine.encode_images(random_pixels(2)).shape == (2, 576, engine.hidden_size)
+    finally:
+        engine.close()
