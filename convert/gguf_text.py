@@ -15,10 +15,11 @@ import numpy as np
 from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFWriter, TokenType
 
 from huatuo_lite.errors import ModelFormatError
-from huatuo_lite.family import ANSWER_SUFFIX, ASSISTANT_TAG, IMAGE_LINE, USER_TAG
+from huatuo_lite.family import ANSWER_SUFFIX, ASSISTANT_TAG, IMAGE_LINE, IMAGE_PLACEHOLDER, USER_TAG
 
 from .gguf_stream import PlannedTensor, iter_mapped, weight_qtype, write_streaming_gguf
 
+MTMD_MARKER = "<__media__>"   # libmtmd's default media marker (mtmd_default_marker())
 TEXT_ARCH = {"qwen2": MODEL_ARCH.QWEN2, "llama": MODEL_ARCH.LLAMA}
 
 # canonical name (outside the layers) -> GGUF tensor
@@ -71,7 +72,9 @@ def chat_template() -> str:
     """Upstream's prompt as Jinja (llama-cpp-python, llama.cpp), built from family.py.
     A user turn: USER_TAG + (IMAGE_LINE per image + text, stripped) + newline +
     ASSISTANT_TAG; an earlier answer: its text + ANSWER_SUFFIX (as prompt.render).
-    Content may be a string or OpenAI-style parts (images counted, texts joined)."""
+    Content may be a string or OpenAI-style parts (images counted, texts joined); an
+    image part that MTMDChatHandler already replaced by its marker becomes marker + newline,
+    so libmtmd splices the image where upstream's <image> was."""
     q = json.dumps   # a Jinja string literal with the same escapes as JSON
     return (
         "{%- for message in messages -%}"
@@ -80,6 +83,9 @@ def chat_template() -> str:
         "{%- set ns = namespace(images='', text='') -%}"
         "{%- for part in message['content'] -%}"
         "{%- if part['type'] in ['image', 'image_url'] -%}{%- set ns.images = ns.images + " + q(IMAGE_LINE) + " -%}"
+        # llama-cpp-python's MTMDChatHandler turns image parts into a text part holding its marker
+        "{%- elif part['type'] == 'text' and part['text'] == " + q(MTMD_MARKER) + " -%}"
+        "{%- set ns.images = ns.images + " + q(IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER)) + " -%}"
         "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
         "{%- endfor -%}{%- set user = ns.images + ns.text -%}{%- endif -%}"
         "{{ " + q(USER_TAG) + " }}{{ user | trim }}{{ " + q("\n" + ASSISTANT_TAG) + " }}"

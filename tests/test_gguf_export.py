@@ -245,3 +245,48 @@ def test_passed_self_test_switches_images_to_libmtmd(gguf_7b_f32, tmp_path):
         assert engine.encode_images(random_pixels(2)).shape == (2, 576, engine.hidden_size)
     finally:
         engine.close()
+
+
+def test_chat_template_renders_the_upstream_prompt():
+    """The embedded template gives prompt.render's text for plain strings, OpenAI image
+    parts, and MTMDChatHandler's marker parts (marker where <image> was)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from llama_cpp import mtmd_cpp
+
+    from huatuo_lite.convert.gguf_text import MTMD_MARKER, chat_template
+    from huatuo_lite.prompt import Turn, render
+
+    assert mtmd_cpp.mtmd_default_marker().decode() == MTMD_MARKER
+    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template())
+    expected = render([Turn("What is it? ", 2, "A lung."), Turn("And now?", 1)])
+    for image_part in ({"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": MTMD_MARKER}):
+        messages = [{"role": "user", "content": [image_part, image_part, {"type": "text", "text": "What is it? "}]},
+                    {"role": "assistant", "content": "A lung."},
+                    {"role": "user", "content": [image_part, {"type": "text", "text": "And now?"}]}]
+        want = expected if image_part["type"] == "image_url" else expected.replace("<image>", MTMD_MARKER)
+        assert template.render(messages=messages) == want
+    plain = [{"role": "user", "content": "Hello"}]
+    assert template.render(messages=plain) == render([Turn("Hello")])
+
+
+def test_stock_llama_cpp_python_loads_the_pair(gguf_7b_f32):
+    """Stock llama-cpp-python (Llama + MTMDChatHandler) runs our pair with its embedded template."""
+    import base64
+    import io
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((336, 336, 3), 128, np.uint8)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    handler = MTMDChatHandler(clip_model_path=str(_only(gguf_7b_f32, "mmproj")), verbose=False, use_gpu=False)
+    llm = Llama(str(_only(gguf_7b_f32, "text")), chat_handler=handler, n_ctx=1024, n_threads=1, verbose=False)
+    try:
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is shown?"}]}],
+            max_tokens=4, temperature=0.0)
+        assert out["usage"]["prompt_tokens"] > 576 and out["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()
