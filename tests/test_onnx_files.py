@@ -149,3 +149,13 @@ def test_sentencepiece_only_source_gets_a_tokenizer_json(tiny_34b, ref_34b, tmp_
     tok = TokenizerFile(out / "tokenizer.json")
     for text in ("<|user|>\n<image>\n请描述这张腹部CT图像。\n<|assistant|>\n", "  two  spaces\tand tab"):
         assert tok.encode(text) == ref_34b.tokenize(text)
+
+
+def test_onnx_runtime_imports_neither_torch_nor_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, huatuo_lite.backends.onnx, huatuo_lite.backends.vision_onnx; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
