@@ -292,7 +292,9 @@ def run_eval(model, data, out_dir, backend: str | None = None, limit: int | None
     with load(model, backend=backend, **(load_options or {})) as hv:
         run_info = {"model": str(Path(hv.path).resolve()), "backend": hv.backend, "data": str(Path(data).resolve()),
                     "temperature": config.temperature, "seed": config.seed,
-                    "max_new_tokens": config.max_new_tokens, "options": load_options or {}}
+                    "max_new_tokens": config.max_new_tokens, "logprobs": keep_logprobs,
+                    # threads change speed, not answers: a run may resume with others
+                    "options": {k: v for k, v in (load_options or {}).items() if k != "threads"}}
         check_run(out_dir, run_info)
         rows = evaluate_items(items, model_answerer(hv, config, extra_ids, keep_logprobs), out_dir,
                               progress, desc=label or hv.backend)

@@ -149,7 +149,8 @@ def kl_divergence(reference: dict, candidate: dict) -> float:
 
 
 # -------------------------------------------------------------- compare ----
-def _rows_by_index(out_dir: Path) -> dict:
+def _rows_by_index(out_dir: Path, indices: set) -> dict:
+    """This run's result rows (a folder may also hold rows of an earlier, longer run)."""
     from .evaluate import RESULTS_NAME
 
     rows = {}
@@ -158,7 +159,8 @@ def _rows_by_index(out_dir: Path) -> dict:
             row = json.loads(line)
         except ValueError:
             continue
-        rows[row["index"]] = row
+        if row.get("index") in indices:
+            rows[row["index"]] = row
     return rows
 
 
@@ -178,7 +180,10 @@ def fidelity_row(spec: Spec, report: dict, rows: dict, reference: dict) -> dict:
 def compare(specs: Sequence[Spec], data, out_dir, limit=None, progress=True, **gen) -> list[dict]:
     """Evaluate every spec (reference first) into out_dir/<spec>/ and return the
     fidelity rows; also writes out_dir/fidelity.json and out_dir/FIDELITY.md."""
+    from .evaluate import load_items
+
     out_dir = Path(out_dir)
+    indices = {item.index for item in load_items(data, limit)[0]}
     rows, reference = [], None
     for spec in specs:
         folder = out_dir / spec.slug
@@ -186,7 +191,7 @@ def compare(specs: Sequence[Spec], data, out_dir, limit=None, progress=True, **g
         report = run_eval(spec.path, data, folder, backend=spec.backend, limit=limit, progress=progress,
                           load_options=QUANT_OPTIONS[spec.backend](spec.quant), keep_logprobs=True,
                           extra_ids=extra, label=spec.name, **gen)
-        results = _rows_by_index(folder)
+        results = _rows_by_index(folder, indices)
         reference = results if reference is None else reference
         rows.append(fidelity_row(spec, report, results, reference))
     write_text(out_dir / FIDELITY_JSON, json.dumps(rows, indent=2) + "\n")
