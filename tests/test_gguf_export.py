@@ -137,12 +137,12 @@ def _defective_llava_features(torch_engine, pixels):
 def test_libmtmd_llava_defect_is_present(gguf_7b_f32, torch_7b):
     """Fails the day llama.cpp fixes its LLaVA class-token order: then switch the
     backend to libmtmd (the manifest self-test already does so by itself)."""
-    from huatuo_lite.backends.gguf_mtmd import mtmd_self_test, open_mtmd, token_cosines
+    from huatuo_lite.backends.gguf_mtmd import MtmdEncoder, mtmd_self_test, token_cosines
 
     engine = open_gguf(gguf_7b_f32)
     try:
         pixels = random_pixels(1)
-        mtmd = open_mtmd(engine.mmproj_path, engine._model, engine.hidden_size, threads=1)
+        mtmd = MtmdEncoder(engine.mmproj_path, engine._model, engine.hidden_size, threads=1)
         features = mtmd.encode(pixels)
         mtmd.close()
     finally:

@@ -8,6 +8,7 @@ records a passed self-test. Images always arrive preprocessed by image.py.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 from typing import Sequence
@@ -131,9 +132,9 @@ class GgufEngine:
 
     def _image_encoder(self, folder: Path, manifest: dict, gpu_layers: int):
         if manifest.get("mtmd_self_test", {}).get("passed") and self.mmproj_path is not None:
-            from .gguf_mtmd import open_mtmd
+            from .gguf_mtmd import MtmdEncoder
 
-            return open_mtmd(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers > 0)
+            return MtmdEncoder(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers != 0)
         vision = files_with_role(folder, manifest, "vision")
         return _check_vision(vision[0], self.hidden_size, self.threads) if vision else None
 
@@ -152,10 +153,10 @@ class GgufEngine:
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of a token; control tokens (<|endoftext|>...) give b"" as in the reference."""
-        buf = ctypes_buffer(64)
+        buf = ctypes.create_string_buffer(64)
         n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
         if n < 0:
-            buf = ctypes_buffer(-n)
+            buf = ctypes.create_string_buffer(-n)
             n = self._llama.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, False)
         return bytes(buf.raw[:n])
 
@@ -233,8 +234,3 @@ class GgufEngine:
 def _seg_len(seg: Segment) -> int:
     return len(seg.features) if isinstance(seg, ImageEmbeds) else len(seg)
 
-
-def ctypes_buffer(size: int):
-    import ctypes
-
-    return ctypes.create_string_buffer(size)

@@ -37,10 +37,11 @@ def pixels_to_rgb8(pixel_values: np.ndarray) -> np.ndarray:
 class MtmdEncoder:
     """libmtmd's CLIP + projector on one mmproj: encode(pixels [N,3,S,S]) -> [N,T,H]."""
 
-    def __init__(self, mmproj: Path, model, threads: int, use_gpu: bool = False):
+    def __init__(self, mmproj: Path, model, n_embd: int, threads: int, use_gpu: bool = False):
         from llama_cpp import mtmd_cpp
 
         self._mtmd = mtmd_cpp
+        self.n_embd = n_embd   # H: the text model's width (libmtmd's output rows)
         params = mtmd_cpp.mtmd_context_params_default()
         params.use_gpu = use_gpu
         params.n_threads = threads
@@ -49,7 +50,6 @@ class MtmdEncoder:
         self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, params)
         if not self.ctx:
             raise ModelFormatError(f"llama.cpp could not load the mmproj {mmproj}; convert the model again.")
-        self.n_embd = None
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
         return np.stack([self._encode_one(rgb) for rgb in pixels_to_rgb8(pixel_values)])
@@ -91,12 +91,6 @@ class MtmdEncoder:
             self.ctx = None
 
 
-def open_mtmd(mmproj: Path, model, n_embd: int, threads: int, use_gpu: bool = False) -> MtmdEncoder:
-    encoder = MtmdEncoder(mmproj, model, threads, use_gpu)
-    encoder.n_embd = n_embd
-    return encoder
-
-
 def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-token cosine similarity of two [.., T, H] arrays."""
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
@@ -129,7 +123,7 @@ def mtmd_self_test(text_gguf, mmproj, vision_onnx, threads: int = 1) -> dict:
     reference_encoder.close()
     model = load_model(Path(text_gguf), gpu_layers=0)
     try:
-        encoder = open_mtmd(Path(mmproj), model, reference.shape[-1], threads)
+        encoder = MtmdEncoder(Path(mmproj), model, reference.shape[-1], threads)
         try:
             features = encoder.encode(pixels)
         finally:
