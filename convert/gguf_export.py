@@ -19,7 +19,7 @@ from gguf import LlamaFileType as FT
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.family import CONTEXT_LENGTH
 from huatuo_lite.fsutil import staging_dir
-from huatuo_lite.manifest import file_entry, write_manifest
+from huatuo_lite.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
 
 from .checkpoint import open_checkpoint
 from .gguf_mmproj import PROJECTOR_TYPES, write_mmproj
@@ -46,9 +46,11 @@ VISION_ONNX = "vision.onnx"
 
 
 def model_name(ckpt) -> str:
-    """<Name> of the GGUF naming convention: the hub name in config.json, else the folder's."""
-    raw = str(ckpt.config.get("_name_or_path") or "").rstrip("/")
-    name = raw.rsplit("/", 1)[-1] if raw and not raw.startswith((".", "/")) else Path(ckpt.root).resolve().name
+    """<Name> of the GGUF naming convention: the folder's name, or the repository's for a
+    huggingface-hub cache snapshot (.../models--Org--Name/snapshots/<sha>)."""
+    parts = Path(ckpt.root).resolve().parts
+    hub_snapshot = len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--")
+    name = parts[-3].split("--")[-1] if hub_snapshot else parts[-1]
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
 
@@ -62,16 +64,34 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     name = model_name(ckpt)
     text_file, mmproj_file = f"{name}-{quant}.gguf", f"mmproj-{name}-{mmproj_type}.gguf"
+    files, self_test = _earlier_conversion(out_dir, ckpt)
     with staging_dir(out_dir) as stage:
         _write_text(ckpt, stage, text_file, quant, name)
         write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], name)
         vision_files = _write_vision(ckpt, stage) if vision_onnx else []
-        self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX) if vision_onnx else None
-        files = {text_file: file_entry(stage / text_file, "text", quant=quant),
-                 mmproj_file: file_entry(stage / mmproj_file, "mmproj", quant=mmproj_type)}
+        if vision_onnx:
+            self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX)
+        files.update({text_file: file_entry(stage / text_file, "text", quant=quant),
+                      mmproj_file: file_entry(stage / mmproj_file, "mmproj", quant=mmproj_type)})
         files.update({p.name: file_entry(p, "vision" if p.name == VISION_ONNX else "data") for p in vision_files})
         write_manifest(stage, _manifest(ckpt, name, files, self_test))
     return Path(out_dir) / text_file
+
+
+def _earlier_conversion(out_dir, ckpt) -> tuple[dict, dict | None]:
+    """Files (and self-test) of an earlier conversion of the same checkpoint in out_dir, kept
+    so that one folder can hold several quants; another model's folder is refused."""
+    if not (Path(out_dir) / MANIFEST_NAME).is_file():
+        return {}, None
+    old = read_manifest(out_dir)
+    source = old.get("source", {})
+    same = old.get("format") == "gguf" and source.get("config_sha256") == _config_hash(ckpt) \
+        and source.get("path") == str(Path(ckpt.root).resolve())
+    if not same:
+        raise HuatuoError(f"{out_dir} already holds a conversion of another model; choose an empty output folder.")
+    kept = {name: entry for name, entry in old.get("files", {}).items()
+            if (Path(out_dir) / name).is_file() and (Path(out_dir) / name).stat().st_size == entry.get("size")}
+    return kept, old.get("mtmd_self_test")
 
 
 def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str) -> None:
@@ -96,6 +116,9 @@ def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
     """Quantize a GGUF with llama.cpp's own quantizer (also works on an mmproj)."""
     import llama_cpp
 
+    from huatuo_lite.backends.gguf_native import quiet_llama
+
+    quiet_llama()   # llama.cpp prints a line per tensor otherwise
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_QUANTS[quant])
     params.nthread = threads

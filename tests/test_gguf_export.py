@@ -290,3 +290,23 @@ def test_stock_llama_cpp_python_loads_the_pair(gguf_7b_f32):
         assert out["usage"]["prompt_tokens"] > 576 and out["usage"]["completion_tokens"] >= 1
     finally:
         llm.close()
+
+
+def test_one_folder_holds_several_quants(gguf_7b_f16, tiny_7b, tiny_34b, tmp_path):
+    """A second conversion of the same checkpoint adds its files to the folder's manifest;
+    another model's conversion into it is refused in one sentence."""
+    from huatuo_lite.convert.gguf_export import export_gguf
+    from huatuo_lite.errors import HuatuoError
+
+    folder = _copy(gguf_7b_f16, tmp_path)
+    export_gguf(tiny_7b, folder, quant="Q8_0", vision_onnx=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(e["quant"] for e in manifest["files"].values() if e["role"] == "text") == ["F16", "Q8_0"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    for quant, expected in ((None, "Q8_0"), ("F16", "F16")):
+        engine = open_gguf(folder, quant=quant)
+        assert engine.text_path.name.endswith(f"-{expected}.gguf")
+        engine.close()
+    with pytest.raises(HuatuoError) as info:
+        export_gguf(tiny_34b, folder, quant="F16", vision_onnx=False)
+    assert "another model" in str(info.value) and _one_sentence(str(info.value))

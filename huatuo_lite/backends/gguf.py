@@ -22,6 +22,8 @@ from .base import ImageEmbeds, Segment, segments_length
 from .gguf_native import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
 
 N_BATCH = 512
+# which text GGUF a folder holding several quants opens by default: small and good first
+QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16", "F32")
 # unquantized weights get F32 attention: with llama.cpp's F16 KV cache + flash attention
 # an F16 model's logits were 1.2e-3 off the reference (2.5x more) and greedy flipped at near-ties
 EXACT_QUANTS = {"F32", "F16", "BF16"}
@@ -52,13 +54,15 @@ def open_engine(model_dir, *, quant: str | None = None, threads: int | None = No
 
 # ------------------------------------------------------------- checks ----
 def _pick_text(folder: Path, manifest: dict, quant: str | None) -> Path:
+    """The text GGUF of `quant`, or (none asked) the first of QUANT_PREFERENCE the folder holds."""
     entries = {name: e for name, e in manifest.get("files", {}).items() if e.get("role") == "text"}
     chosen = [n for n, e in entries.items() if quant is None or str(e.get("quant", "")).upper() == quant.upper()]
     if not chosen:
         have = ", ".join(sorted(str(e.get("quant")) for e in entries.values())) or "none"
         raise ModelFormatError(f"{folder} has no {quant} text GGUF (it has: {have}); "
                                f"pick one of those or convert with --quant {quant}.")
-    return folder / sorted(chosen)[0]
+    rank = {q: i for i, q in enumerate(QUANT_PREFERENCE)}
+    return folder / min(chosen, key=lambda n: (rank.get(str(entries[n].get("quant")).upper(), len(rank)), n))
 
 
 def _check_mmproj(folder: Path, manifest: dict, n_embd: int) -> Path | None:
