@@ -86,6 +86,8 @@ class TrainResult:
 
 
 def make_options(mode: str, options: dict) -> TrainOptions:
+    if mode not in LR_DEFAULTS:
+        raise HuatuoError(f"Unknown training mode {mode!r}: choose one of {', '.join(LR_DEFAULTS)}.")
     known = {f.name for f in fields(TrainOptions)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -95,7 +97,7 @@ def make_options(mode: str, options: dict) -> TrainOptions:
         raise HuatuoError(f"Unknown schedule {opts.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
     if opts.batch_size < 1 or opts.grad_accum < 1:
         raise HuatuoError("Batch size and gradient accumulation must be at least 1.")
-    return opts if opts.lr is not None else TrainOptions(**{**asdict(opts), "lr": LR_DEFAULTS.get(mode, 1e-4)})
+    return opts if opts.lr is not None else TrainOptions(**{**asdict(opts), "lr": LR_DEFAULTS[mode]})
 
 
 # ------------------------------------------------------------------ data ----

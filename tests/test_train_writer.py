@@ -1,0 +1,132 @@
+"""The upstream-layout checkpoint writer (every variant), and what each training mode
+sets up: which modules train, which are LoRA-wrapped, which are quantized."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("variant", ["tiny_7b", "tiny_34b", "tiny_7b_hf"])
+def test_writer_reproduces_the_source_layout(variant, request, tmp_path):
+    from safetensors import safe_open
+
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.checkpoint_writer import stored_names, write_checkpoint
+
+    src = request.getfixturevalue(variant)
+    ckpt = open_checkpoint(src)
+    tensors = {name: ckpt.get(name).float() for name in ckpt.names()}   # as a trained float32 model holds them
+    out = write_checkpoint(ckpt, tensors, tmp_path / "out", max_shard_bytes=2 * 1024 ** 2)
+    again = open_checkpoint(out)
+    assert again.variant == ckpt.variant and sorted(again.names()) == sorted(ckpt.names())
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(index) == sorted(stored_names(ckpt).values())        # the source's own names
+    shards = sorted(set(index.values()))
+    assert len(shards) > 1 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    with safe_open(str(out / shards[0]), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+    for name in ckpt.names():
+        assert torch.equal(again.get(name), ckpt.get(name)), name
+    copied = {p.name for p in src.iterdir()} - {p.name for p in src.glob("*.safetensors*")}
+    assert copied <= {p.name for p in out.iterdir()}                   # tokenizer, vit/, generation_config...
+    # a second write with other shard sizes leaves no stale shard behind
+    write_checkpoint(ckpt, tensors, out)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
+
+
+def test_writer_refuses_missing_or_misshapen_tensors(tiny_7b, tmp_path):
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.checkpoint_writer import write_checkpoint
+    from huatuo_lite.errors import ModelFormatError
+
+    ckpt = open_checkpoint(tiny_7b)
+    tensors = {name: ckpt.get(name) for name in ckpt.names()}
+    with pytest.raises(ModelFormatError, match="lacks the tensor lm_head.weight"):
+        write_checkpoint(ckpt, {k: v for k, v in tensors.items() if k != "lm_head.weight"}, tmp_path / "a")
+    tensors["model.norm.weight"] = torch.zeros(3)
+    with pytest.raises(ModelFormatError, match="model.norm.weight has shape"):
+        write_checkpoint(ckpt, tensors, tmp_path / "b")
+    assert not (tmp_path / "b" / "config.json").exists()
+    with pytest.raises(ModelFormatError, match="overwrite the source"):
+        write_checkpoint(ckpt, {name: ckpt.get(name) for name in ckpt.names()}, tiny_7b)
+
+
+def _trainable(model) -> set:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_modes_train_what_they_should(tiny_7b):
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.train_model import LoraOptions, build_trainable
+
+    ckpt = open_checkpoint(tiny_7b)
+    align, _ = build_trainable(ckpt, "align")
+    assert _trainable(align) and all(".multi_modal_projector." in n for n in _trainable(align))
+    full, _ = build_trainable(ckpt, "full")
+    assert _trainable(full) == {n for n, _ in full.named_parameters()}
+    lora, llava = build_trainable(ckpt, "lora", LoraOptions(r=4, train_projector=False))
+    assert _trainable(lora) and all("lora_" in n and ".language_model.layers." in n for n in _trainable(lora))
+    wrapped = {n.rsplit(".", 1)[0] for n in _trainable(lora)}
+    assert not any("vision_tower" in n for n in wrapped)                 # CLIP's q/k/v stay plain
+    assert len({n.split(".lora_")[0] for n in wrapped}) == ckpt.text.num_layers * 7
+
+
+def test_qlora_quantizes_only_the_language_model(tiny_7b):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.train_model import build_trainable
+
+    ckpt = open_checkpoint(tiny_7b)
+    _, llava = build_trainable(ckpt, "qlora")
+    quantized = {n for n, m in llava.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(quantized) == ckpt.text.num_layers * 7
+    assert all(n.startswith("model.language_model.layers.") for n in quantized)
+    plain = [llava.lm_head, llava.model.multi_modal_projector.modules_to_save["default"].linear_1,
+             llava.model.vision_tower.vision_model.encoder.layers[0].self_attn.q_proj]
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in plain)
+
+
+def test_unknown_mode_and_option_are_one_sentence(tiny_7b, tmp_path):
+    from huatuo_lite.convert.train import train
+    from huatuo_lite.errors import HuatuoError
+
+    with pytest.raises(HuatuoError, match="Unknown training option 'learning_rate'"):
+        train("x.json", tiny_7b, tmp_path, mode="lora", learning_rate=1.0)
+    with pytest.raises(HuatuoError, match="Unknown training mode 'dpo'"):
+        train("x.json", tiny_7b, tmp_path, mode="dpo")
+    with pytest.raises(HuatuoError, match="Unknown schedule 'exp'"):
+        train("x.json", tiny_7b, tmp_path, mode="lora", schedule="exp")
+
+
+def test_qlora_without_bitsandbytes_suggests_lora(tiny_7b, monkeypatch):
+    import sys
+
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.train_model import build_trainable
+    from huatuo_lite.errors import HuatuoError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)     # import fails as if not installed
+    with pytest.raises(HuatuoError, match=r"cannot run here .*; use --mode lora instead\.$"):
+        build_trainable(open_checkpoint(tiny_7b), "qlora")
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tiny_7b, tmp_path):
+    from fixtures_train import make_dataset
+
+    from huatuo_lite.convert.train import train
+
+    data = make_dataset(tmp_path / "data", follow_up=False)
+    runs = [train(data, tiny_7b, tmp_path / f"out{gc}", mode="lora", max_steps=2, lora_r=4, lora_dropout=0.0,
+                  gradient_checkpointing=gc, progress=False, device="cpu").losses for gc in (False, True)]
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.train_model import build_trainable
+
+    _, llava = build_trainable(open_checkpoint(tiny_7b), "lora", gradient_checkpointing=True)
+    assert all(layer.gradient_checkpointing for layer in llava.model.language_model.layers)
