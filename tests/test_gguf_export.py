@@ -310,3 +310,19 @@ def test_one_folder_holds_several_quants(gguf_7b_f16, tiny_7b, tiny_34b, tmp_pat
     with pytest.raises(HuatuoError) as info:
         export_gguf(tiny_34b, folder, quant="F16", vision_onnx=False)
     assert "another model" in str(info.value) and _one_sentence(str(info.value))
+
+
+def test_verdict_of_another_llama_cpp_is_tested_again(gguf_7b_f32, tmp_path):
+    """A manifest written under another llama-cpp-python is not trusted: the engine runs the
+    self-test afresh (here it fails again, so images go through vision.onnx)."""
+    from huatuo_lite.backends.vision_onnx import OnnxVisionEncoder
+
+    folder = _copy(gguf_7b_f32, tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["mtmd_self_test"].update(passed=True, llama_cpp_python="0.0.1")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    engine = open_gguf(folder)
+    try:
+        assert isinstance(engine._images, OnnxVisionEncoder)
+    finally:
+        engine.close()

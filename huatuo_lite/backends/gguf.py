@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import HuatuoError, ModelFormatError
+from ..errors import HuatuoError, ModelFormatError, PromptError
 from ..family import CONTEXT_LENGTH
 from ..manifest import check_sizes, files_with_role, read_manifest
 from .base import ImageEmbeds, Segment, segments_length
@@ -135,12 +135,14 @@ class GgufEngine:
                                    f"{self.hidden_size}: the folder mixes files of two models; convert again.")
 
     def _image_encoder(self, folder: Path, manifest: dict, gpu_layers: int):
-        if manifest.get("mtmd_self_test", {}).get("passed") and self.mmproj_path is not None:
-            from .gguf_mtmd import MtmdEncoder
+        """libmtmd when its self-test passed with this llama.cpp, else vision.onnx (None: text only)."""
+        from .gguf_mtmd import MtmdEncoder, mtmd_trusted
 
+        vision = (files_with_role(folder, manifest, "vision") or [None])[0]
+        if mtmd_trusted(manifest.get("mtmd_self_test"), self.text_path, self.mmproj_path, vision,
+                        self.threads, model=self._model):
             return MtmdEncoder(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers != 0)
-        vision = files_with_role(folder, manifest, "vision")
-        return _check_vision(vision[0], self.hidden_size, self.threads) if vision else None
+        return _check_vision(vision, self.hidden_size, self.threads) if vision else None
 
     # --------------------------------------------------------------- text ----
     def tokenize(self, text: str) -> list[int]:
@@ -176,9 +178,9 @@ class GgufEngine:
     def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
         total = segments_length(segments)
         if total == 0:
-            raise HuatuoError("The prompt is empty.")
+            raise PromptError("The prompt is empty: give at least one token.")
         if total > self.n_ctx:
-            raise HuatuoError(f"The prompt needs {total} tokens but the context holds {self.n_ctx}; "
+            raise PromptError(f"The prompt needs {total} tokens but the context holds {self.n_ctx}; "
                               "ask a shorter question, use fewer images or a larger --n-ctx.")
         self._llama.llama_memory_clear(self._memory, True)
         self._pos = 0
@@ -189,7 +191,7 @@ class GgufEngine:
 
     def step(self, token_id: int) -> np.ndarray:
         if self._pos >= self.n_ctx:
-            raise HuatuoError(f"The answer reached the context length ({self.n_ctx} tokens); use a larger --n-ctx.")
+            raise PromptError(f"The answer reached the context length ({self.n_ctx} tokens); use a larger --n-ctx.")
         return self._feed([token_id], False, last=True)[-1]
 
     def _feed(self, seg: Segment, all_logits: bool, last: bool) -> list:

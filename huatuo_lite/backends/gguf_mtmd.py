@@ -108,8 +108,9 @@ def self_test_pixels(image_size: int, seed: int = SELF_TEST_SEED) -> np.ndarray:
     return preprocess([Image.fromarray(rgb, "RGB")])
 
 
-def mtmd_self_test(text_gguf, mmproj, vision_onnx, threads: int = 1) -> dict:
-    """Compare libmtmd's image features with vision.onnx's on a fixed image.
+def mtmd_self_test(text_gguf, mmproj, vision_onnx, threads: int = 1, model=None) -> dict:
+    """Compare libmtmd's image features with vision.onnx's on a fixed image (`model`: an
+    already loaded text model, else text_gguf is loaded).
     Returns {"passed", "min_cosine", "mean_cosine", "llama_cpp_python"}."""
     import llama_cpp
 
@@ -121,7 +122,8 @@ def mtmd_self_test(text_gguf, mmproj, vision_onnx, threads: int = 1) -> dict:
     pixels = self_test_pixels(reference_encoder.image_size)
     reference = reference_encoder.encode(pixels)
     reference_encoder.close()
-    model = load_model(Path(text_gguf), gpu_layers=0)
+    own_model = model is None
+    model = load_model(Path(text_gguf), gpu_layers=0) if own_model else model
     try:
         encoder = MtmdEncoder(Path(mmproj), model, reference.shape[-1], threads)
         try:
@@ -129,10 +131,26 @@ def mtmd_self_test(text_gguf, mmproj, vision_onnx, threads: int = 1) -> dict:
         finally:
             encoder.close()
     finally:
-        llama_cpp.llama_model_free(model)
+        if own_model:
+            llama_cpp.llama_model_free(model)
+    verdict = {"llama_cpp_python": llama_cpp.__version__}
     if features.shape != reference.shape:
-        return {"passed": False, "error": f"libmtmd gave {list(features.shape)}, expected {list(reference.shape)}",
-                "llama_cpp_python": llama_cpp.__version__}
+        return {**verdict, "passed": False,
+                "error": f"libmtmd gave {list(features.shape)}, expected {list(reference.shape)}"}
     cos = token_cosines(features, reference)
-    return {"passed": bool(cos.min() >= SELF_TEST_MIN_COSINE), "min_cosine": round(float(cos.min()), 6),
-            "mean_cosine": round(float(cos.mean()), 6), "llama_cpp_python": llama_cpp.__version__}
+    return {**verdict, "passed": bool(cos.min() >= SELF_TEST_MIN_COSINE), "min_cosine": round(float(cos.min()), 6),
+            "mean_cosine": round(float(cos.mean()), 6)}
+
+
+def mtmd_trusted(recorded: dict | None, text_gguf, mmproj, vision_onnx, threads: int, model=None) -> bool:
+    """Whether to take image features from libmtmd: the manifest's verdict when it was made
+    with the llama-cpp-python installed now, else a fresh self-test (needs vision.onnx)."""
+    import llama_cpp
+
+    if mmproj is None:
+        return False
+    if recorded and recorded.get("llama_cpp_python") == llama_cpp.__version__:
+        return bool(recorded.get("passed"))
+    if vision_onnx is None:
+        return False
+    return mtmd_self_test(text_gguf, mmproj, vision_onnx, threads, model=model)["passed"]
