@@ -159,3 +159,20 @@ def test_onnx_runtime_imports_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bad_engine_calls_are_prompt_errors(onnx_7b_int4):
+    from huatuo_lite.errors import PromptError
+
+    engine = open_onnx(onnx_7b_int4)
+    with pytest.raises(PromptError, match="prefill"):
+        engine.step(1)
+    with pytest.raises(PromptError, match="empty"):
+        engine.prefill([[]])
+    with pytest.raises(PromptError, match="Token ids"):
+        engine.prefill([[engine.vocab_rows]])
+    with pytest.raises(PromptError, match="context"):
+        engine.prefill([[1] * (engine.n_ctx + 1)])
+    with pytest.raises(PromptError, match="prefill"):      # the failed prefill left no cache
+        engine.step(1)
+    assert engine.token_bytes(-1) == b"" and engine.token_bytes(engine.vocab_rows) == b""

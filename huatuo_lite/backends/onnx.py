@@ -197,6 +197,7 @@ class OnnxEngine:
         return [np.zeros((1, self._kv_heads, 0, self._head_dim), np.float32) for _ in self._past_names]
 
     def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
+        self._past = None                 # a failed prefill leaves no stale cache to step on
         length = segments_length(segments)
         if length == 0:
             raise PromptError("The prompt is empty: give at least one token.")
