@@ -130,3 +130,37 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_7b, tmp_path):
 
     _, llava = build_trainable(open_checkpoint(tiny_7b), "lora", gradient_checkpointing=True)
     assert all(layer.gradient_checkpointing for layer in llava.model.language_model.layers)
+
+
+def test_padded_batch_loss_is_the_token_weighted_mean_of_single_losses(tiny_7b, tmp_path):
+    """Right padding, several images per batch and per example: each example's image
+    features land at its own placeholder, padding never counts."""
+    from fixtures_train import make_dataset
+    from transformers import AutoTokenizer
+
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.train import ImageFeed
+    from huatuo_lite.convert.train_data import build_examples, read_records
+    from huatuo_lite.convert.train_model import batch_loss, build_trainable
+
+    data = make_dataset(tmp_path / "data", follow_up=True)
+    records = read_records(data)
+    records[1]["image"] = [records[1]["image"][0], records[2]["image"][0]]      # two images in one record
+    tok = AutoTokenizer.from_pretrained(str(tiny_7b))
+    examples, _ = build_examples(records[:2], lambda t: tok(t, add_special_tokens=False).input_ids, 1500,
+                                 data.parent)
+    batch = [examples[1], examples[2], examples[0]]            # lengths differ; 1 + 2 + 1 images
+    assert [len(e.images) for e in batch] == [1, 2, 1] and len({len(e.input_ids) for e in batch}) == 3
+    ckpt = open_checkpoint(tiny_7b)
+    _, llava = build_trainable(ckpt, "full")
+    feed = ImageFeed(llava, ckpt.vision.select_layer, cache_size=0)
+    with torch.no_grad():
+        together, n = batch_loss(llava, batch, feed([p for e in batch for p in e.images]))
+        singles = [batch_loss(llava, [e], feed(e.images)) for e in batch]
+    assert n == sum(k for _, k in singles)
+    expected = sum(float(loss) * k for loss, k in singles) / n
+    assert float(together) == pytest.approx(expected, rel=1e-5)
+    swapped = [examples[2], examples[1], examples[0]]           # features follow their own example
+    with torch.no_grad():
+        wrong, _ = batch_loss(llava, swapped, feed([p for e in batch for p in e.images]))
+    assert float(wrong) != pytest.approx(expected, rel=1e-4)
