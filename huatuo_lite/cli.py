@@ -121,13 +121,15 @@ def model_or_default(model):
 
 
 def _register_subcommands():
+    from .cli_batch import batch
     from .cli_chat import chat
     from .cli_convert import convert
     from .cli_eval import eval_command
     from .cli_models import models
+    from .cli_serve import serve
     from .cli_train import train
 
-    for command in (chat, convert, models, eval_command, train):
+    for command in (chat, convert, models, eval_command, train, serve, batch):
         cli.add_command(command)
 
 

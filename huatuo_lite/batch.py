@@ -1,0 +1,243 @@
+"""`huatuo-lite batch`: answer every record of a dataset into a JSONL file.
+
+    summary = run_batch("test_vqa.json", "models/demo", "results.jsonl", workers=2)
+    summary = run_batch("pubmedvision.json", "./hv7b-gguf", "out.jsonl", ray_address="auto")
+
+Workers (each with its own model) run in this process (1 worker), in a local
+process pool (N), or as Ray Data actors (batch_ray.py). Whatever runs them,
+rows reach the results file here, one JSON line per record, appended and
+flushed as soon as every earlier record is written, so the file is always
+in record order and a killed run loses at most the lines in flight. A rerun
+skips the records already in the file (a torn last line is cut off first) and
+refuses a file made with other settings. Greedy by default, with eval's token
+budget for eval records, so batch answers equal `huatuo-lite eval`'s.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from .batch_records import BatchItem, load_batch_items
+from .errors import HuatuoError
+from .evaluate import first_letter
+from .family import EVAL_MAX_NEW_TOKENS, GENERATION_DEFAULTS, GenerationConfig
+
+# item kind -> default most new tokens (eval's scorer reads one letter; the rest answer in full)
+DEFAULT_MAX_TOKENS = {"eval": EVAL_MAX_NEW_TOKENS, "conversation": GENERATION_DEFAULTS.max_new_tokens,
+                      "question": GENERATION_DEFAULTS.max_new_tokens}
+IN_FLIGHT_PER_WORKER = 2    # pool requests queued per worker: keeps workers busy, the reorder buffer small
+
+
+# -------------------------------------------------------------- answering ----
+@dataclass(frozen=True)
+class AnswererSpec:
+    """Everything a worker needs to build its own model (picklable: sent to processes and actors)."""
+
+    model: str
+    backend: str | None = None
+    load_options: dict = field(default_factory=dict)
+    temperature: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None
+
+    def config(self, kind: str) -> GenerationConfig:
+        return GENERATION_DEFAULTS.with_overrides(temperature=self.temperature, seed=self.seed,
+                                                  max_new_tokens=self.max_tokens or DEFAULT_MAX_TOKENS[kind])
+
+    def run_info(self, data) -> dict:
+        """What a results file was made with; a resume must match it."""
+        return {"model": str(Path(self.model).resolve()) if Path(self.model).exists() else self.model,
+                "backend": self.backend, "data": str(Path(data).resolve()), "temperature": self.temperature,
+                "seed": self.seed, "max_tokens": self.max_tokens}
+
+
+class Answerer:
+    """One worker's model: item -> result row. Bad input of one record (a
+    missing or broken image, a prompt too long) becomes that row's `error`."""
+
+    def __init__(self, spec: AnswererSpec):
+        from .api import load
+
+        self.spec = spec
+        self.model = load(spec.model, backend=spec.backend, **spec.load_options)
+
+    def __call__(self, item: BatchItem) -> dict:
+        row = {"index": item.index, "key": item.key, "kind": item.kind, **item.extra}
+        try:
+            answer = self.model.ask(list(item.images), item.prompt, **asdict(self.spec.config(item.kind)))
+        except HuatuoError as exc:
+            return {**row, "output": None, "error": str(exc)}
+        row.update(output=answer.text, prompt_tokens=answer.prompt_tokens,
+                   completion_tokens=answer.completion_tokens, finish_reason=answer.finish_reason)
+        if item.kind == "eval":
+            letter = first_letter(answer.text)
+            row.update(letter=letter, correct=letter is not None and letter == item.extra.get("answer"))
+        return row
+
+    def close(self) -> None:
+        self.model.close()
+
+
+# ------------------------------------------------------------ results file ----
+def read_done(out: Path, items: Sequence[BatchItem]) -> dict:
+    """Rows already in `out` by record index (the last row wins; rows with an
+    error are retried). A torn last line (a kill mid-write) is cut off so
+    appending starts on a fresh line."""
+    if not out.is_file():
+        return {}
+    data = out.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(out, "r+b") as fh:
+            fh.truncate(len(complete))
+    keys, done = {item.index: item.key for item in items}, {}
+    for line in complete.decode("utf-8").splitlines():
+        row = json.loads(line)
+        if keys.get(row.get("index"), row.get("key")) != row.get("key"):
+            raise HuatuoError(f"{out} holds results of another dataset; use another --out or delete it.")
+        if row.get("error") is None:
+            done[row["index"]] = row
+        else:
+            done.pop(row["index"], None)
+    return done
+
+
+class OrderedWriter:
+    """Appends rows to the open file in `order` (record indices), holding
+    back rows that arrive before an earlier one."""
+
+    def __init__(self, handle, order: Iterable[int], on_written: Callable[[dict], None] = lambda row: None):
+        self.handle, self.pending, self.on_written = handle, {}, on_written
+        self.order, self.position = list(order), 0
+
+    def add(self, row: dict) -> None:
+        self.pending[row["index"]] = row
+        while self.position < len(self.order) and self.order[self.position] in self.pending:
+            ready = self.pending.pop(self.order[self.position])
+            self.handle.write(json.dumps(ready, ensure_ascii=False) + "\n")
+            self.handle.flush()
+            self.position += 1
+            self.on_written(ready)
+
+
+def compact(out: Path, items: Sequence[BatchItem]) -> None:
+    """Rewrite `out` (atomically) with one row per record in record order,
+    when retried rows or an older run left it otherwise."""
+    from .fsutil import atomic_path
+
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    indices = [row["index"] for row in rows]
+    if indices == sorted(set(indices)):
+        return
+    last = {row["index"]: row for row in rows}
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(json.dumps(last[i], ensure_ascii=False) + "\n" for i in sorted(last)),
+                       encoding="utf-8")
+
+
+def check_run_info(out: Path, info: dict) -> None:
+    """Refuse to resume a results file made with another model or settings."""
+    from .fsutil import atomic_path
+
+    path = out.with_name(out.name + ".run.json")
+    if path.is_file() and out.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in set(before) | set(info) if before.get(k) != info.get(k))
+        if changed:
+            raise HuatuoError(f"{out} holds results made with other settings ({', '.join(changed)}); "
+                              "use another --out or delete it to start over.")
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- runners ----
+def answer_here(items, spec: AnswererSpec, workers: int, emit: Callable[[dict], None]) -> None:
+    """One worker, in this process."""
+    answerer = Answerer(spec)
+    try:
+        for item in items:
+            emit(answerer(item))
+    finally:
+        answerer.close()
+
+
+_worker: Answerer | None = None     # the model of a pool worker process
+
+
+def _start_worker(spec: AnswererSpec) -> None:
+    global _worker
+    _worker = Answerer(spec)
+
+
+def _answer_in_worker(item: BatchItem) -> dict:
+    return _worker(item)
+
+
+def answer_in_pool(items, spec: AnswererSpec, workers: int, emit: Callable[[dict], None]) -> None:
+    """N worker processes, each loading its own model (spawned: no forked engine state);
+    a bounded window of requests in flight, submitted in record order."""
+    queue = list(items)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
+                             initargs=(spec,)) as pool:
+        running = set()
+        while queue or running:
+            while queue and len(running) < workers * IN_FLIGHT_PER_WORKER:
+                running.add(pool.submit(_answer_in_worker, queue.pop(0)))
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                emit(future.result())
+
+
+def answer_on_ray(items, spec: AnswererSpec, workers: int, emit: Callable[[dict], None], address: str) -> None:
+    from .batch_ray import answer_on_ray as run
+
+    run(items, spec, workers, emit, address)
+
+
+def pick_runner(ray_address: str | None, workers: int) -> Callable:
+    if ray_address:
+        return lambda items, spec, n, emit: answer_on_ray(items, spec, n, emit, ray_address)
+    return answer_here if workers == 1 else answer_in_pool
+
+
+# ------------------------------------------------------------------- run ----
+def run_batch(data, model, out, backend: str | None = None, ray_address: str | None = None, workers: int = 1,
+              temperature: float = 0.0, seed: int | None = None, max_tokens: int | None = None,
+              load_options: dict | None = None, limit: int | None = None, progress: bool = True) -> dict:
+    """Answer every record of `data` not yet in `out`; returns counts
+    {"records", "already_done", "answered", "errors"} and the output path."""
+    from tqdm import tqdm
+
+    from .fsutil import ensure_writable_dir
+
+    items = load_batch_items(data, limit)
+    if not items:
+        raise HuatuoError(f"{data} holds no records to answer.")
+    out = Path(out)
+    ensure_writable_dir(out.parent)
+    spec = AnswererSpec(str(model), backend, dict(load_options or {}), temperature, seed, max_tokens)
+    check_run_info(out, spec.run_info(data))
+    done = read_done(out, items)
+    todo = [item for item in items if item.index not in done]
+    errors = []
+    with open(out, "a", encoding="utf-8") as handle, \
+            tqdm(total=len(items), initial=len(done), desc="batch", unit="rec", disable=not progress) as bar:
+        def written(row):
+            bar.update(1)
+            if row.get("error"):
+                errors.append(row["index"])
+
+        writer = OrderedWriter(handle, [item.index for item in todo], written)
+        if todo:
+            pick_runner(ray_address, workers)(todo, spec, workers, writer.add)
+        handle.flush()
+        os.fsync(handle.fileno())
+    compact(out, items)
+    return {"records": len(items), "already_done": len(done), "answered": len(todo) - len(errors),
+            "errors": len(errors), "out": str(out)}
