@@ -169,16 +169,15 @@ def _bpe_files(tokenizer_dir: Path) -> tuple[dict, list, dict]:
 
 
 def _spm_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
-    """SentencePiece (Yi): pieces, scores and types from tokenizer.model."""
-    from sentencepiece import SentencePieceProcessor
+    """SentencePiece (Yi): pieces, scores and types straight from tokenizer.model's proto
+    (its piece types NORMAL..BYTE are GGUF's token types, same numbers); added tokens
+    of tokenizer_config.json override, as convert_hf_to_gguf does."""
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
-    path = tokenizer_dir / "tokenizer.model"
-    sp = SentencePieceProcessor(model_file=str(path))
-    by_id, scores = {}, {}
-    for i in range(sp.vocab_size()):
-        by_id[i] = (sp.IdToPiece(i), _spm_type(sp, i))
-        scores[i] = sp.GetScore(i)
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString((tokenizer_dir / "tokenizer.model").read_bytes())
+    by_id = {i: (p.piece, TokenType(p.type)) for i, p in enumerate(proto.pieces)}
+    scores = {i: p.score for i, p in enumerate(proto.pieces)}
     config = tokenizer_dir / "tokenizer_config.json"
     decoder = json.loads(config.read_text(encoding="utf-8")).get("added_tokens_decoder", {}) if config.is_file() else {}
     for i, entry in decoder.items():
@@ -186,25 +185,9 @@ def _spm_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
         by_id[int(i)] = (entry["content"], kind)
         scores.setdefault(int(i), -1000.0)
     tokens, types = _fill_rows(by_id, n_rows)
-    proto = spm_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
     return {"model": "llama", "pre": "default", "tokens": tokens, "types": types,
             "scores": [scores.get(i, -1000.0) for i in range(n_rows)],
             "add_space_prefix": proto.normalizer_spec.add_dummy_prefix}
-
-
-def _spm_type(sp, i: int) -> TokenType:
-    checks = ((sp.IsUnknown, TokenType.UNKNOWN), (sp.IsControl, TokenType.CONTROL),
-              (sp.IsUnused, TokenType.UNUSED), (sp.IsByte, TokenType.BYTE))
-    for check, kind in checks:
-        if check(i):
-            return kind
-    return TokenType.USER_DEFINED if _is_user_defined(sp, i) else TokenType.NORMAL
-
-
-def _is_user_defined(sp, i: int) -> bool:
-    check = getattr(sp, "IsUserDefined", None) or getattr(sp, "is_user_defined", None)
-    return bool(check and check(i))
 
 
 def _fill_rows(by_id: dict, n_rows: int) -> tuple[list, list]:
