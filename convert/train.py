@@ -85,6 +85,22 @@ class TrainResult:
     seconds: float = 0.0
 
 
+@dataclass
+class Run:
+    """What one training run holds: the model (net: what the optimizer sees, a PeftModel
+    in lora modes; llava: the Llava model inside), the image feed and the optimizer."""
+
+    mode: str
+    opts: TrainOptions
+    out: Path
+    net: object
+    llava: object
+    feed: "ImageFeed"
+    optimizer: object
+    scheduler: object
+    params: list
+
+
 def make_options(mode: str, options: dict) -> TrainOptions:
     if mode not in LR_DEFAULTS:
         raise HuatuoError(f"Unknown training mode {mode!r}: choose one of {', '.join(LR_DEFAULTS)}.")
@@ -158,44 +174,46 @@ def total_steps(n_examples: int, opts: TrainOptions) -> int:
 
 
 # ---------------------------------------------------------------- steps ----
-def _optimizer_step(net, llava, feed, examples, step, opts, optimizer, scheduler, params) -> float:
-    total = 0.0
-    for micro in range(opts.grad_accum):
-        batch = _micro_batch(examples, step * opts.grad_accum + micro, opts)
-        loss, _ = batch_loss(llava, batch, _batch_hidden(feed, batch))
-        (loss / opts.grad_accum).backward()
-        total += float(loss.detach()) / opts.grad_accum
-    if opts.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+def _optimizer_step(run: Run, examples: list, step: int) -> float:
+    """One optimizer step over grad_accum micro-batches; returns their mean loss."""
+    total, accum = 0.0, run.opts.grad_accum
+    for micro in range(accum):
+        batch = _micro_batch(examples, step * accum + micro, run.opts)
+        loss, _ = batch_loss(run.llava, batch, _batch_hidden(run.feed, batch))
+        (loss / accum).backward()
+        total += float(loss.detach()) / accum
+    if run.opts.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(run.params, run.opts.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return total
 
 
 @torch.no_grad()
-def evaluate(net, llava, feed, examples: list, batch_size: int = 1) -> float:
+def evaluate(run: Run, examples: list) -> float:
     """Token-weighted mean loss over the reply tokens of `examples` (eval mode)."""
-    net.eval()
+    run.net.eval()
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        loss, n = batch_loss(llava, batch, _batch_hidden(feed, batch))
+    for start in range(0, len(examples), run.opts.batch_size):
+        batch = examples[start:start + run.opts.batch_size]
+        loss, n = batch_loss(run.llava, batch, _batch_hidden(run.feed, batch))
         loss_sum, tokens = loss_sum + float(loss) * n, tokens + n
-    net.train()
+    run.net.train()
     return loss_sum / max(tokens, 1)
 
 
 # ----------------------------------------------------------- checkpoints ----
-def _save_state(out: Path, step: int, net, optimizer, scheduler, mode: str, history: dict) -> Path:
+def _save_state(run: Run, step: int, history: dict) -> Path:
     from safetensors.torch import save_file
 
-    final = out / CHECKPOINTS / f"step-{step:06d}"
+    final = run.out / CHECKPOINTS / f"step-{step:06d}"
     with atomic_path(final) as tmp:
         tmp.mkdir(parents=True)
-        save_file({k: v.contiguous().cpu() for k, v in trainable_state(net).items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        state = {"step": step, "mode": mode, "scheduler": scheduler.state_dict(), **history}
+        weights = {k: v.contiguous().cpu() for k, v in trainable_state(run.net).items()}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": run.optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        state = {"step": step, "mode": run.mode, "scheduler": run.scheduler.state_dict(), **history}
         (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     return final
 
@@ -209,7 +227,8 @@ def _find_checkpoint(out: Path, resume) -> Path:
     return found[-1]
 
 
-def _restore(path: Path, net, optimizer, scheduler, mode: str) -> dict:
+def _restore(run: Run, path: Path) -> dict:
+    """Load a checkpoint into the run; returns its history (losses, val_losses)."""
     from safetensors.torch import load_file
 
     try:
@@ -218,18 +237,17 @@ def _restore(path: Path, net, optimizer, scheduler, mode: str) -> dict:
         bundle = torch.load(path / "optimizer.pt", weights_only=True)
     except (OSError, ValueError) as err:
         raise HuatuoError(f"{path} is not a complete training checkpoint ({err}); resume from another one.") from None
-    params = dict(net.named_parameters())
-    wanted = set(trainable_state(net))
-    if state.get("mode") != mode or set(saved) != wanted:
+    params = dict(run.net.named_parameters())
+    if state.get("mode") != run.mode or set(saved) != set(trainable_state(run.net)):
         raise HuatuoError(f"{path} was saved by a {state.get('mode')!r} run with other trainable weights; "
-                          f"resume it with the same --mode and LoRA options (this run: {mode!r}).")
+                          f"resume it with the same --mode and LoRA options (this run: {run.mode!r}).")
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(bundle["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    run.optimizer.load_state_dict(bundle["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(bundle["rng"])
-    return state
+    return {"losses": state["losses"], "val_losses": [tuple(v) for v in state["val_losses"]]}
 
 
 # ---------------------------------------------------------------- outputs ----
@@ -260,17 +278,10 @@ def _device(name: str) -> str:
 
 
 # ------------------------------------------------------------------- API ----
-def train(data, model, out, mode: str = "lora", **options) -> TrainResult:
-    """Train `model` (an upstream folder) on `data` (PubMedVision JSON) into `out`."""
-    from transformers import AutoTokenizer, get_scheduler
+def _examples(data, ckpt, opts: TrainOptions) -> tuple:
+    """(train examples, validation examples, skipped problems) from the data file."""
+    from transformers import AutoTokenizer
 
-    from huatuo_lite.backends.torch_build import torch_dtype
-
-    started = time.perf_counter()
-    opts = make_options(mode, options)
-    out = Path(out)
-    torch.manual_seed(opts.seed)
-    ckpt = open_checkpoint(model)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir or ckpt.root))
     tokenize = lambda text: tokenizer(text, add_special_tokens=False).input_ids
     eos = ckpt.text.eos_token_id if ckpt.text.eos_token_id is not None else tokenizer.eos_token_id
@@ -278,48 +289,67 @@ def train(data, model, out, mode: str = "lora", **options) -> TrainResult:
     root = Path(opts.image_root) if opts.image_root else Path(data).expanduser().parent
     examples, problems = build_examples(read_records(data), tokenize, eos, root, max_length=opts.max_length,
                                         image_tokens=image_tokens, on_bad=opts.bad_records, source=str(data))
-    train_set, val_set = split_validation(examples, opts.val_split, opts.seed)
+    return (*split_validation(examples, opts.val_split, opts.seed), problems)
+
+
+def _start_run(ckpt, mode: str, opts: TrainOptions, out: Path, steps: int) -> Run:
+    from transformers import get_scheduler
+
+    from huatuo_lite.backends.torch_build import torch_dtype
 
     lora = LoraOptions(opts.lora_r, opts.lora_alpha, opts.lora_dropout, opts.train_projector)
     net, llava = build_trainable(ckpt, mode, lora, torch_dtype(opts.dtype), _device(opts.device),
                                  opts.gradient_checkpointing)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer, num_training_steps=steps,
+                              num_warmup_steps=int(opts.warmup_ratio * steps))
+    feed = ImageFeed(llava, ckpt.vision.select_layer, opts.feature_cache)
+    return Run(mode, opts, out, net, llava, feed, optimizer, scheduler, params)
+
+
+def train(data, model, out, mode: str = "lora", **options) -> TrainResult:
+    """Train `model` (an upstream folder) on `data` (PubMedVision JSON) into `out`."""
+    started = time.perf_counter()
+    opts = make_options(mode, options)
+    out = Path(out)
+    torch.manual_seed(opts.seed)
+    ckpt = open_checkpoint(model)
+    train_set, val_set, problems = _examples(data, ckpt, opts)
     steps = total_steps(len(train_set), opts)
-    scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer, num_warmup_steps=int(opts.warmup_ratio * steps),
-                              num_training_steps=steps)
+    run = _start_run(ckpt, mode, opts, out, steps)
     history = {"losses": [], "val_losses": []}
     if opts.resume:
-        state = _restore(_find_checkpoint(out, opts.resume), net, optimizer, scheduler, mode)
-        history = {"losses": state["losses"], "val_losses": [tuple(v) for v in state["val_losses"]]}
-    feed = ImageFeed(llava, ckpt.vision.select_layer, opts.feature_cache)
-    result = _loop(net, llava, feed, train_set, val_set, opts, optimizer, scheduler, params, steps, history, out, mode)
-    val_loss = evaluate(net, llava, feed, val_set, opts.batch_size) if val_set else None
-    adapter_dir, model_dir = _write_outputs(out, mode, net, llava, ckpt)
-    res = TrainResult(mode, steps, history["losses"], val_loss, history["val_losses"], out, adapter_dir,
-                      model_dir, result, problems, len(train_set), time.perf_counter() - started)
-    _write_log(out, res, opts, str(ckpt.root), str(data))
-    return res
+        history = _restore(run, _find_checkpoint(out, opts.resume))
+    saved = _loop(run, train_set, val_set, steps, history)
+    val_loss = evaluate(run, val_set) if val_set else None
+    adapter_dir, model_dir = _write_outputs(out, mode, run.net, run.llava, ckpt)
+    result = TrainResult(mode=mode, steps=steps, losses=history["losses"], val_loss=val_loss,
+                         val_losses=history["val_losses"], out_dir=out, adapter_dir=adapter_dir,
+                         model_dir=model_dir, checkpoints=saved, skipped=problems,
+                         n_examples=len(train_set), seconds=time.perf_counter() - started)
+    _write_log(out, result, opts, str(ckpt.root), str(data))
+    return result
 
 
-def _loop(net, llava, feed, train_set, val_set, opts, optimizer, scheduler, params, steps, history, out, mode):
+def _loop(run: Run, train_set: list, val_set: list, steps: int, history: dict) -> list:
     """Run the optimizer steps not yet done; returns the checkpoint folders written."""
     from tqdm import tqdm
 
-    saved = []
+    saved, opts = [], run.opts
     start = len(history["losses"])
-    net.train()
-    with tqdm(total=steps, initial=start, disable=not opts.progress, desc=f"train {mode}", unit="step") as bar:
+    run.net.train()
+    with tqdm(total=steps, initial=start, disable=not opts.progress, desc=f"train {run.mode}", unit="step") as bar:
         for step in range(start, steps):
-            loss = _optimizer_step(net, llava, feed, train_set, step, opts, optimizer, scheduler, params)
+            loss = _optimizer_step(run, train_set, step)
             if not math.isfinite(loss):
                 raise HuatuoError(f"The training loss became {loss} at step {step + 1}; lower the learning rate.")
             history["losses"].append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
             bar.update(1)
             done = step + 1
             if val_set and opts.val_every and done % opts.val_every == 0:
-                history["val_losses"].append((done, evaluate(net, llava, feed, val_set, opts.batch_size)))
+                history["val_losses"].append((done, evaluate(run, val_set)))
             if opts.save_every and done % opts.save_every == 0:
-                saved.append(_save_state(out, done, net, optimizer, scheduler, mode, history))
+                saved.append(_save_state(run, done, history))
     return saved
