@@ -55,8 +55,9 @@ def model_name(ckpt) -> str:
 
 
 def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
-                vision_onnx: bool = True, allow_pickle: bool = False) -> Path:
-    """Convert `src` into `out_dir`; returns the path of the text GGUF."""
+                vision_onnx: bool = True, allow_pickle: bool = False, threads: int | None = None) -> Path:
+    """Convert `src` into `out_dir`; returns the path of the text GGUF. `threads`: for
+    llama.cpp's quantizer and the libmtmd self-test (default: all cores / 1)."""
     if quant not in DIRECT_TYPES and quant not in LLAMA_QUANTS:
         raise HuatuoError(f"Unknown quant {quant!r}: choose one of {', '.join([*DIRECT_TYPES, *LLAMA_QUANTS])}.")
     if mmproj_type not in MMPROJ_TYPES:
@@ -66,11 +67,11 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
     text_file, mmproj_file = f"{name}-{quant}.gguf", f"mmproj-{name}-{mmproj_type}.gguf"
     files, self_test = _earlier_conversion(out_dir, ckpt)
     with staging_dir(out_dir) as stage:
-        _write_text(ckpt, stage, text_file, quant, name)
+        _write_text(ckpt, stage, text_file, quant, name, threads or 0)
         write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], name)
         vision_files = _write_vision(ckpt, stage) if vision_onnx else []
         if vision_onnx:
-            self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX)
+            self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX, threads or 1)
         files.update({text_file: file_entry(stage / text_file, "text", quant=quant),
                       mmproj_file: file_entry(stage / mmproj_file, "mmproj", quant=mmproj_type)})
         files.update({p.name: file_entry(p, "vision" if p.name == VISION_ONNX else "data") for p in vision_files})
@@ -94,7 +95,7 @@ def _earlier_conversion(out_dir, ckpt) -> tuple[dict, dict | None]:
     return kept, old.get("mtmd_self_test")
 
 
-def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str) -> None:
+def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str, threads: int) -> None:
     if quant in DIRECT_TYPES:
         write_text_gguf(ckpt, stage / text_file, *DIRECT_TYPES[quant], name)
         return
@@ -102,7 +103,7 @@ def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str) -> Non
     tmp = stage / f".{name}-{inter}.intermediate"
     write_text_gguf(ckpt, tmp, *DIRECT_TYPES[inter], name)
     try:
-        llama_quantize(tmp, stage / text_file, quant)
+        llama_quantize(tmp, stage / text_file, quant, threads)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -135,13 +136,13 @@ def _write_vision(ckpt, stage: Path) -> list[Path]:
     return [Path(p) for p in export_vision(ckpt, stage / VISION_ONNX)]
 
 
-def _self_test(text: Path, mmproj: Path, vision: Path) -> dict:
+def _self_test(text: Path, mmproj: Path, vision: Path, threads: int) -> dict:
     """libmtmd's image features vs vision.onnx's; recorded so the backend uses libmtmd
     by itself the day llama.cpp's LLaVA image graph is fixed."""
     from huatuo_lite.backends.gguf_mtmd import mtmd_self_test
 
     try:
-        return mtmd_self_test(text, mmproj, vision)
+        return mtmd_self_test(text, mmproj, vision, threads)
     except Exception as exc:   # a self-test that cannot run is a failed one, never a failed export
         return {"passed": False, "error": f"{type(exc).__name__}: {exc}"}
 

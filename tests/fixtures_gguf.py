@@ -32,7 +32,7 @@ def _convert(src, tmp_path_factory, label, quant, **options):
     from huatuo_lite.convert.gguf_export import export_gguf
 
     out = tmp_path_factory.mktemp(f"gguf-{label}-{quant}")
-    export_gguf(src, out, quant=quant, **options)
+    export_gguf(src, out, quant=quant, threads=1, **options)
     return out
 
 
