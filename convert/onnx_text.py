@@ -70,12 +70,14 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k = torch.cat((past_k, k), dim=2)            # [B, kvh, S, hd]
         v = torch.cat((past_v, v), dim=2)
-        rep = self.heads // self.kv_heads
-        kk = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(k.shape[0], self.heads, k.shape[2], self.head_dim)
-        vv = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(v.shape[0], self.heads, v.shape[2], self.head_dim)
-        scores = torch.matmul(q, kk.transpose(2, 3)) * self.head_dim ** -0.5 + bias   # [B, nh, L, S]
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, vv).transpose(1, 2)                                    # [B, L, nh, hd]
+        # GQA without copying K/V per query head: query head h uses KV head h // rep,
+        # so group the queries as [B, kvh, rep*L, hd] and multiply by K/V directly.
+        b, length, rep = q.shape[0], q.shape[2], self.heads // self.kv_heads
+        grouped = q.reshape(b, self.kv_heads, rep * length, self.head_dim)
+        scores = torch.matmul(grouped, k.transpose(2, 3)) * self.head_dim ** -0.5   # [B, kvh, rep*L, S]
+        scores = scores.view(b, self.kv_heads, rep, length, -1) + bias[:, :, None]  # bias [B, 1, 1, L, S]
+        probs = torch.softmax(scores, dim=-1).view(b, self.kv_heads, rep * length, -1)
+        out = torch.matmul(probs, v).view(b, self.heads, length, self.head_dim).transpose(1, 2)  # [B, L, nh, hd]
         return self.o_proj(out.reshape(out.shape[0], out.shape[1], -1)), k, v
 
 

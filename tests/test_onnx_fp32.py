@@ -76,3 +76,35 @@ def test_tokenizer_and_metadata_match_reference(onnx_fixture, ref_fixture, reque
     assert onnx_engine.eos_token_ids == ref.eos_token_ids
     assert (onnx_engine.n_ctx, onnx_engine.hidden_size) == (ref.n_ctx, ref.hidden_size)
     assert onnx_engine.name == "onnx"
+
+
+def test_decoder_graph_left_padded_batch(onnx_7b, ref_7b):
+    """decoder.onnx on a batch of two, the first left-padded by 3, prefill then one
+    cached step, against transformers' language model with the same mask."""
+    import torch
+    from huatuo_lite.backends.vision_onnx import make_session
+
+    embed, decoder = make_session(onnx_7b / "embed.onnx", 1), make_session(onnx_7b / "decoder.onnx", 1)
+    ids = np.random.default_rng(0).integers(0, 1000, (2, 9))
+    mask = np.ones((2, 9), np.int64)
+    mask[0, :3] = 0
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    (embeds,) = embed.run(None, {"input_ids": ids})
+    past_names = [i.name for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
+    kv = decoder.get_inputs()[3].shape
+    empty = {n: np.zeros((2, kv[1], 0, kv[3]), np.float32) for n in past_names}
+    first = decoder.run(None, {"inputs_embeds": embeds[:, :8], "attention_mask": mask[:, :8],
+                               "position_ids": positions[:, :8], **empty})
+    past = dict(zip(past_names, first[1:]))
+    second = decoder.run(None, {"inputs_embeds": embeds[:, 8:], "attention_mask": mask,
+                                "position_ids": positions[:, 8:], **past})
+    got = np.concatenate([first[0], second[0]], axis=1)
+    with torch.no_grad():
+        out = ref_7b.model.model.language_model(inputs_embeds=torch.from_numpy(embeds),
+                                                attention_mask=torch.from_numpy(mask),
+                                                position_ids=torch.from_numpy(positions))
+        want = ref_7b.model.lm_head(out.last_hidden_state).numpy()
+    valid = mask.astype(bool)                     # padded rows are meaningless in both
+    err = rel_err(got[valid], want[valid])
+    print(f"left-padded batch of 2: rel err {err:.2e}")
+    assert err < REL_TOL
