@@ -246,6 +246,10 @@ def _restore(run: Run, path: Path) -> dict:
             params[name].copy_(tensor)
     run.optimizer.load_state_dict(bundle["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    # the saved lr belongs to the saved schedule; a run resumed with more steps has its own
+    sched = run.scheduler
+    for group, base, factor in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
     torch.set_rng_state(bundle["rng"])
     return {"losses": state["losses"], "val_losses": [tuple(v) for v in state["val_losses"]]}
 

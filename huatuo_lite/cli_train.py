@@ -77,8 +77,9 @@ def train():
               help="What to do with an unusable record (missing image, empty conversation, too many images).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_run(data, model, out, mode, resume, resume_from, freeze_projector, no_progress, **options):
+def train_run(data, model, out, mode, resume, resume_from, freeze_projector, threads, no_progress, **options):
     """Train MODEL on DATA (PubMedVision JSON: `image` list + `conversations`).
 
     \b
@@ -86,6 +87,10 @@ def train_run(data, model, out, mode, resume, resume_from, freeze_projector, no_
       huatuo-lite train data.json --model ./HuatuoGPT-Vision-7B --out ./my-lora --mode qlora --lr 2e-4
     """
     recipe = train_module("train")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     result = recipe.train(data, model, out, mode=mode, resume=resume_from or resume,
                           train_projector=not freeze_projector, progress=not no_progress, **options)
     for problem in result.skipped:
