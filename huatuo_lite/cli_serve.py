@@ -1,6 +1,8 @@
 """`huatuo-lite serve`: the OpenAI-compatible server on one model (needs the `serve` extra)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from .backends import BACKEND_MODULES
@@ -52,11 +54,12 @@ def serve(model, backend, quant, threads, gpu_layers, host, port, api_key, allow
     if host not in LOOPBACK_HOSTS and not api_key:
         click.echo(f"Warning: serving on {host} without --api-key: anyone who can reach it may use the model.",
                    err=True)
+    # checked before the (slow) model load: a wrong --allow-dir fails at once
+    settings = ServerSettings(model_id=model_id or "", api_key=api_key, allow_dirs=tuple(allow_dirs),
+                              max_body_bytes=int(max_body_mb * MIB), max_messages=max_messages, max_queue=max_queue)
     show_notice(quiet)
     options = {k: v for k, v in dict(quant=quant, threads=threads, gpu_layers=gpu_layers).items() if v is not None}
     with load(model, backend=backend, **options) as hv:
-        settings = ServerSettings(model_id=model_id or hv.path.name, api_key=api_key, allow_dirs=tuple(allow_dirs),
-                                  max_body_bytes=int(max_body_mb * MIB), max_messages=max_messages,
-                                  max_queue=max_queue)
+        settings = replace(settings, model_id=model_id or hv.path.name)
         click.echo(f"Serving {settings.model_id} ({hv.backend}) on http://{host}:{port}/v1", err=True)
         run_server(hv, settings, host=host, port=port)

@@ -259,3 +259,13 @@ def test_model_failure_is_a_500_and_a_full_queue_a_503():
         status, failed = first.result(30)
         assert status == 500 and failed["error"]["type"] == "server_error"
         assert "exploded" not in failed["error"]["message"]      # no internals leak to callers
+
+
+def test_serve_command_refuses_a_missing_allow_dir_before_loading(tmp_path):
+    from click.testing import CliRunner
+
+    from huatuo_lite.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", "-m", str(tmp_path / "no-model"), "--allow-dir",
+                                      str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "--allow-dir" in result.output and "is not a folder" in result.output
