@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -164,3 +165,26 @@ def test_padded_batch_loss_is_the_token_weighted_mean_of_single_losses(tiny_7b, 
     with torch.no_grad():
         wrong, _ = batch_loss(llava, swapped, feed([p for e in batch for p in e.images]))
     assert float(wrong) != pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("variant,mode", [("tiny_34b", "full"), ("tiny_7b_hf", "lora")])
+def test_other_variants_train_and_come_back_in_their_own_layout(variant, mode, request, tmp_path):
+    """Yi (SentencePiece, llama) and the -hf layout: trained output keeps the source's names."""
+    from fixtures_train import make_dataset
+
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.checkpoint_writer import stored_names
+    from huatuo_lite.convert.merge import merge
+    from huatuo_lite.convert.train import train
+
+    src = request.getfixturevalue(variant)
+    data = make_dataset(tmp_path / "data", follow_up=False)
+    result = train(data, src, tmp_path / "out", mode=mode, max_steps=2, lora_r=4, lr=1e-3, progress=False,
+                   device="cpu")
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    folder = result.model_dir or merge(result.adapter_dir, src, tmp_path / "merged")
+    source, trained = open_checkpoint(src), open_checkpoint(folder)
+    assert trained.variant == source.variant
+    assert sorted(stored_names(trained).values()) == sorted(stored_names(source).values())
+    changed = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(trained.get(changed), source.get(changed))
