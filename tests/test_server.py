@@ -6,6 +6,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -154,6 +155,26 @@ def test_event_loop_answers_while_the_model_is_busy(server, client, model):
         assert raw(server + "/health")[1]["queued"] == 1 and not done.is_set()
     worker.join(60)
     assert done.is_set() and raw(server + "/health")[1]["queued"] == 0
+
+
+def test_a_client_that_hangs_up_frees_the_model(server, model):
+    """A dropped stream stops its generation at the next token, not after max_tokens."""
+    start = time.perf_counter()
+    model.ask(None, "How long?", temperature=0, max_new_tokens=200)
+    per_token = (time.perf_counter() - start) / 200
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": "tiny-7b", "messages": [{"role": "user", "content": "How long?"}], "max_tokens": 2000,
+            "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.read1(100).startswith(b"data: ")
+    hung_up = time.perf_counter()
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    while raw(server + "/health")[1]["queued"] and time.perf_counter() - hung_up < 60:
+        time.sleep(0.01)
+    assert time.perf_counter() - hung_up < 0.25 * 2000 * per_token     # well before the 2000 tokens
 
 
 # -------------------------------------------------------------- refusals ----
