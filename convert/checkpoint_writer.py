@@ -24,6 +24,8 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024 ** 3          # transformers' save_pretrained default ("5GB")
 # weight files of the source, never copied: the writer makes its own
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# what a training run leaves in a folder that may later be a source: never copied along
+TRAINING_ARTIFACTS = ("checkpoints", "train_log.json", "adapter_config.json")
 
 
 def stored_names(ckpt) -> dict:
@@ -41,7 +43,7 @@ def _source_files(root: Path) -> list:
 
 def _copy_source_files(root: Path, stage: Path, skip: tuple) -> None:
     for item in _source_files(root):
-        if item.name in skip:
+        if item.name in skip or item.name in TRAINING_ARTIFACTS:
             continue
         if item.is_dir():
             shutil.copytree(item, stage / item.name)

@@ -188,3 +188,19 @@ def test_other_variants_train_and_come_back_in_their_own_layout(variant, mode, r
     assert sorted(stored_names(trained).values()) == sorted(stored_names(source).values())
     changed = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(trained.get(changed), source.get(changed))
+
+
+def test_a_trained_folder_used_as_source_does_not_carry_its_training_files(tiny_7b, tmp_path):
+    import shutil
+
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.checkpoint_writer import write_checkpoint
+
+    src = tmp_path / "trained"
+    shutil.copytree(tiny_7b, src)
+    (src / "checkpoints" / "step-000001").mkdir(parents=True)
+    (src / "train_log.json").write_text("{}")
+    ckpt = open_checkpoint(src)
+    out = write_checkpoint(ckpt, {n: ckpt.get(n) for n in ckpt.names()}, tmp_path / "out")
+    assert not (out / "checkpoints").exists() and not (out / "train_log.json").exists()
+    assert (out / "tokenizer.json").is_file()
