@@ -120,3 +120,13 @@ def test_json_lines_and_validation_split(data, tmp_path, tok):
         bad = tmp_path / "bad.json"
         bad.write_text("{oops")
         read_records(bad)
+
+
+def test_text_only_record_has_no_image_slot(data, tok):
+    path, records = data
+    record = {"conversations": records[0]["conversations"][:2]}
+    (example,), _ = _build([record], tok, path.parent)
+    question = records[0]["conversations"][0]["value"]
+    assert IMAGE_SLOT not in example.input_ids and example.images == []
+    assert example.input_ids[:len(prompt_token_layout([Turn(question, 0)], tok))] == \
+        prompt_token_layout([Turn(question, 0)], tok)
