@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 
 from . import store
 from .backends import load_backend
+from .cache import FeatureCache
 from .family import GENERATION_DEFAULTS, GenerationConfig
 from .generate import Answer, run
 from .prompt import Turn
@@ -24,6 +25,7 @@ class HuatuoVision:
     def __init__(self, engine, path: Path, backend: str):
         self.engine, self.path, self.backend = engine, path, backend
         self._lock = threading.RLock()
+        self.feature_cache = FeatureCache()
 
     # --------------------------------------------------------------- asking
     def ask(self, images, question: str, history: Sequence[Turn] = (), **gen) -> Answer:
@@ -59,7 +61,7 @@ class HuatuoVision:
 
     def _start(self, images, question, history, gen, history_images=()):
         return run(self.engine, as_image_list(images), question, history, generation_config(**gen),
-                   history_images=history_images)
+                   history_images=history_images, cache=self.feature_cache)
 
     @property
     def lock(self):

@@ -17,6 +17,7 @@ import numpy as np
 from . import image as image_mod
 from . import prompt as prompt_mod
 from .backends.base import Engine, ImageEmbeds, segments_length
+from .cache import FeatureCache
 from .family import GenerationConfig
 from .sampler import Sampler
 
@@ -40,13 +41,26 @@ class Answer:
         return data
 
 
-def encode_images(engine: Engine, images: Sequence) -> list[ImageEmbeds]:
-    """Load, preprocess ([N,3,336,336]) and encode ([N,576,H]) the images."""
+def encode_images(engine: Engine, images: Sequence, cache: FeatureCache | None = None) -> list[ImageEmbeds]:
+    """Load, preprocess ([N,3,336,336]) and encode ([N,576,H]) the images; images
+    already in `cache` (same preprocessed pixels) are not encoded again."""
     if not images:
         return []
     pixels = image_mod.preprocess([image_mod.load_image(src) for src in images])
-    features = engine.encode_images(pixels)
-    return [ImageEmbeds(np.ascontiguousarray(f, dtype=np.float32)) for f in features]
+    keys = [image_mod.image_digest(p) for p in pixels]
+    found = {}
+    for key in dict.fromkeys(keys):                       # unique, in order
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            found[key] = cached
+    todo = [key for key in dict.fromkeys(keys) if key not in found]
+    if todo:
+        features = engine.encode_images(pixels[[keys.index(k) for k in todo]])
+        for key, rows in zip(todo, features):
+            found[key] = np.ascontiguousarray(rows, dtype=np.float32)
+            if cache is not None:
+                cache.put(key, found[key])
+    return [ImageEmbeds(found[k], key=k) for k in keys]
 
 
 class Generation:
@@ -102,22 +116,23 @@ class Generation:
 
 
 def run(engine: Engine, images: Sequence, question: str, history: Sequence = (),
-        config: GenerationConfig | None = None, history_images: Sequence = ()) -> Generation:
+        config: GenerationConfig | None = None, history_images: Sequence = (),
+        cache: FeatureCache | None = None) -> Generation:
     """Prepare one answer: `for piece in run(...)` streams it.
 
     `history` holds earlier prompt.Turn objects (with answers); `history_images`
     the images of those turns, in order (upstream splices every image of the
     conversation at its own placeholder)."""
     turns = list(history) + [prompt_mod.Turn(question=question, n_images=len(images))]
-    return run_turns(engine, turns, list(history_images) + list(images), config)
+    return run_turns(engine, turns, list(history_images) + list(images), config, cache)
 
 
 def run_turns(engine: Engine, turns: Sequence, images: Sequence,
-              config: GenerationConfig | None = None) -> Generation:
+              config: GenerationConfig | None = None, cache: FeatureCache | None = None) -> Generation:
     """Prepare the answer to the last (open) turn of a conversation."""
     prompt_mod.validate(turns)
     start = time.perf_counter()
-    embeds = encode_images(engine, images)
+    embeds = encode_images(engine, images, cache)
     return Generation(engine, list(turns), embeds, config or GenerationConfig(), time.perf_counter() - start)
 
 

@@ -87,7 +87,7 @@ def chat_completion(model, messages, stream: bool, options: dict):
     gen = {OPTION_NAMES[k]: v for k, v in options.items() if k in OPTION_NAMES and v is not None}
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.path.name}
     with model.lock:
-        generation = run_turns(model.engine, turns, images, generation_config(**gen))
+        generation = run_turns(model.engine, turns, images, generation_config(**gen), model.feature_cache)
         if not stream:
             for _ in generation:
                 pass

@@ -10,6 +10,7 @@ H = text hidden size, T = 576 image tokens per image.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol, Sequence, Union
 
@@ -18,9 +19,18 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ImageEmbeds:
-    """Projected image features to splice into the prompt: float32 [T, H]."""
+    """Projected image features to splice into the prompt: float32 [T, H].
+
+    `key` names the content (the preprocessed pixels' digest) so that engines can
+    recognise a prompt prefix they already hold in their KV cache."""
 
     features: np.ndarray
+    key: str | None = None
+
+    def content_key(self) -> str:
+        if self.key is not None:
+            return self.key
+        return hashlib.sha256(np.ascontiguousarray(self.features).tobytes()).hexdigest()
 
 
 Segment = Union[list, ImageEmbeds]   # list[int] token ids, or image features
@@ -59,3 +69,41 @@ class Engine(Protocol):
 def segments_length(segments: Sequence[Segment]) -> int:
     """Number of positions a prompt occupies."""
     return sum(len(s.features) if isinstance(s, ImageEmbeds) else len(s) for s in segments)
+
+
+def position_keys(segments: Sequence[Segment]) -> list:
+    """One hashable key per prompt position: the token id, or (image key, row)."""
+    keys: list = []
+    for seg in segments:
+        if isinstance(seg, ImageEmbeds):
+            content = seg.content_key()
+            keys.extend((content, row) for row in range(len(seg.features)))
+        else:
+            keys.extend(int(t) for t in seg)
+    return keys
+
+
+def common_prefix(cached: Sequence, wanted: Sequence) -> int:
+    """Length of the shared prefix, leaving at least one position of `wanted` to
+    evaluate (the engine needs its logits)."""
+    limit = min(len(cached), len(wanted) - 1)
+    n = 0
+    while n < limit and cached[n] == wanted[n]:
+        n += 1
+    return n
+
+
+def drop_positions(segments: Sequence[Segment], n: int) -> list:
+    """The segments without their first `n` positions (a segment may be cut)."""
+    out: list = []
+    for seg in segments:
+        size = len(seg.features) if isinstance(seg, ImageEmbeds) else len(seg)
+        if n >= size:
+            n -= size
+            continue
+        if isinstance(seg, ImageEmbeds):
+            out.append(ImageEmbeds(seg.features[n:], seg.key))
+        else:
+            out.append(list(seg[n:]))
+        n = 0
+    return out

@@ -18,7 +18,8 @@ import numpy as np
 from ..errors import HuatuoError, ModelFormatError, PromptError
 from ..family import CONTEXT_LENGTH
 from ..manifest import check_sizes, files_with_role, read_manifest
-from .base import ImageEmbeds, Segment, segments_length
+from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, position_keys,
+                   segments_length)
 from .gguf_native import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
 
 N_BATCH = 512
@@ -127,6 +128,8 @@ class GgufEngine:
         self._batches = [self._tokens, self._embeds]
         self._images = self._image_encoder(folder, manifest, gpu_layers)
         self._pos = 0
+        self._cached_keys: list = []   # position keys of what the KV cache holds
+        self.reused_positions = 0      # how many prompt positions the last prefill reused
 
     def _check_text_width(self) -> None:
         width = self._llama.llama_model_n_embd(self._model)
@@ -182,17 +185,26 @@ class GgufEngine:
         if total > self.n_ctx:
             raise PromptError(f"The prompt needs {total} tokens but the context holds {self.n_ctx}; "
                               "ask a shorter question, use fewer images or a larger --n-ctx.")
-        self._llama.llama_memory_clear(self._memory, True)
-        self._pos = 0
+        keys = position_keys(segments)
+        # Prefix reuse: a follow-up on the same image(s) keeps their KV rows (all_logits
+        # needs every position's logits, so it always starts over).
+        keep = 0 if all_logits else common_prefix(self._cached_keys, keys)
+        if keep == 0 or not self._llama.llama_memory_seq_rm(self._memory, 0, keep, -1):
+            self._llama.llama_memory_clear(self._memory, True)
+            keep = 0
+        self._pos, self._cached_keys, self.reused_positions = keep, keys[:keep], keep
         rows = []
-        for seg in segments:
+        for seg in drop_positions(segments, keep):
             rows.extend(self._feed(seg, all_logits, last=self._pos + _seg_len(seg) == total))
+        self._cached_keys = keys          # only once every position is in the cache
         return np.stack(rows) if all_logits else rows[-1]
 
     def step(self, token_id: int) -> np.ndarray:
         if self._pos >= self.n_ctx:
             raise PromptError(f"The answer reached the context length ({self.n_ctx} tokens); use a larger --n-ctx.")
-        return self._feed([token_id], False, last=True)[-1]
+        logits = self._feed([token_id], False, last=True)[-1]
+        self._cached_keys.append(int(token_id))
+        return logits
 
     def _feed(self, seg: Segment, all_logits: bool, last: bool) -> list:
         is_image = isinstance(seg, ImageEmbeds)
