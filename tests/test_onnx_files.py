@@ -176,3 +176,18 @@ def test_bad_engine_calls_are_prompt_errors(onnx_7b_int4):
     with pytest.raises(PromptError, match="prefill"):      # the failed prefill left no cache
         engine.step(1)
     assert engine.token_bytes(-1) == b"" and engine.token_bytes(engine.vocab_rows) == b""
+
+
+def test_dynamo_exporter_gives_the_same_decoder(tiny_7b, onnx_7b, tmp_path):
+    """The optional dynamo exporter writes a decoder equal to the default one's."""
+    from huatuo_lite.backends.vision_onnx import make_session
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.onnx_text import decoder_example, export_decoder
+
+    ckpt = open_checkpoint(tiny_7b)
+    export_decoder(ckpt, tmp_path / "decoder.onnx", exporter="dynamo")
+    dynamo, default = make_session(tmp_path / "decoder.onnx", 1), make_session(onnx_7b / "decoder.onnx", 1)
+    example = decoder_example(ckpt.text, batch=1, length=4, past=3)
+    feeds = {i.name: t.numpy() for i, t in zip(default.get_inputs(), example)}
+    for got, want in zip(dynamo.run(None, feeds), default.run(None, feeds)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
