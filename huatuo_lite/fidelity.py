@@ -111,7 +111,7 @@ def parse_spec(text: str, model: Path, root: Path) -> Spec:
 def parse_specs(text: str, model, compare_root=None) -> list[Spec]:
     """Comma-separated specs -> Specs, the reference first (every other row is compared with it)."""
     model = Path(model).expanduser()
-    root = Path(compare_root).expanduser() if compare_root else model.resolve().parent
+    root = Path(compare_root).expanduser() if compare_root else model.absolute().parent
     specs = [parse_spec(part, model, root) for part in text.split(",") if part.strip()]
     references = [s for s in specs if s.backend == "torch" and s.name == "reference"]
     if len(references) != 1:
