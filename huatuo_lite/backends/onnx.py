@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ModelFormatError, PromptError
 from ..manifest import check_sizes, read_manifest
+from .token_pieces import PIECE_DECODERS
 from .base import ImageEmbeds, Segment, segments_length
 from .vision_onnx import OnnxVisionEncoder, make_session
 
@@ -30,38 +31,7 @@ def open_engine(model_dir, *, threads: int | None = None, providers=None, **igno
     return OnnxEngine(model_dir, threads=threads, providers=providers)
 
 
-# ------------------------------------------------------------ token bytes ----
-def _gpt2_byte_decoder() -> dict:
-    """GPT-2's bytes_to_unicode inverted: printable stand-in char -> raw byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:                       # unprintable bytes are shifted past 255, in order
-            chars[chr(256 + shifted)] = b
-            shifted += 1
-    return chars
-
-
-_BYTE_DECODER = _gpt2_byte_decoder()
-
-
-def _byte_level_bytes(piece: str) -> bytes:
-    return bytes(_BYTE_DECODER[ch] for ch in piece)
-
-
-def _sentencepiece_bytes(piece: str) -> bytes:
-    # "<0xNN>" is SentencePiece's byte fallback; "▁" (U+2581) stands for a space.
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes([int(piece[3:5], 16)])
-    return piece.replace("\u2581", " ").encode("utf-8")
-
-
-# tokenizer kind -> how one vocabulary piece maps back to its raw bytes
-PIECE_DECODERS = {"byte_level": _byte_level_bytes, "sentencepiece": _sentencepiece_bytes}
-
-
+# ------------------------------------------------------------ tokenizer ----
 class TokenizerFile:
     """tokenizer.json through `tokenizers`: ids without special tokens, and the
     exact raw bytes of each token (for incremental UTF-8 decoding)."""

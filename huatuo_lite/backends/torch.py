@@ -7,7 +7,6 @@ it. Needs the `convert` extra (torch, transformers); loaded lazily by
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from ..errors import ImageError, PromptError
 from ..family import CONTEXT_LENGTH
 from .base import ImageEmbeds, Segment, segments_length
+from .token_pieces import PIECE_DECODERS
 from .torch_build import build_model, torch_dtype
 
 
@@ -30,37 +30,6 @@ def open_engine(model_dir, *, dtype: str = "float32", threads: int | None = None
 
 
 # ------------------------------------------------------------ token bytes ----
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict:
-    """GPT-2's bytes_to_unicode, inverted: printable stand-in char -> raw byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(b)
-        else:  # unprintable bytes are shifted past 255, in order
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in enumerate(chars)}
-
-
-def _byte_level_bytes(piece: str) -> bytes:
-    decoder = _byte_decoder()
-    return bytes(decoder[ch] for ch in piece)
-
-
-def _sentencepiece_bytes(piece: str) -> bytes:
-    # "<0xNN>" is SentencePiece's byte fallback; "▁" (U+2581) stands for a space.
-    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-        return bytes([int(piece[3:5], 16)])
-    return piece.replace("\u2581", " ").encode("utf-8")
-
-
-# tokenizer kind -> how one vocabulary piece maps back to its raw bytes
-PIECE_DECODERS = {"byte_level": _byte_level_bytes, "sentencepiece": _sentencepiece_bytes}
-
-
 def tokenizer_kind(tok) -> str:
     """'byte_level' (GPT-2/Qwen2 BPE) or 'sentencepiece' (Llama/Yi), read from the
     tokenizer's own decoder, never from a model name."""
