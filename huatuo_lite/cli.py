@@ -74,6 +74,7 @@ def read_image_arg(value: str):
 @click.option("--quant", help="Which quantization to load when a folder holds several (e.g. Q4_K_M).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
 @click.option("--gpu-layers", type=click.IntRange(-1), help="Layers offloaded to Metal/CUDA (GGUF; -1 = all).")
+@click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider: cpu, cuda, coreml (ONNX).")
 @click.option("--temperature", type=click.FloatRange(0), help="0 = greedy. Upstream default 0.2.")
 @click.option("--top-p", type=click.FloatRange(0, 1), help="Nucleus sampling mass (default 1.0 = off).")
 @click.option("--top-k", type=click.IntRange(0), help="Top-k before sampling (HF default 50; 0 = off).")
@@ -82,7 +83,7 @@ def read_image_arg(value: str):
 @click.option("--seed", type=int, help="Seed for sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object: answer, token counts, timings.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not print the research-use notice.")
-def ask(args, attach, model, backend, quant, threads, gpu_layers, temperature, top_p, top_k,
+def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, temperature, top_p, top_k,
         repetition_penalty, max_tokens, seed, as_json, quiet):
     """Answer QUESTION about the IMAGEs (at most 6; `-` reads one from stdin).
 
@@ -97,7 +98,8 @@ def ask(args, attach, model, backend, quant, threads, gpu_layers, temperature, t
     *images, question = args
     images = [read_image_arg(a) for a in [*images, *attach]]
     show_notice(quiet or as_json)
-    options = {k: v for k, v in dict(quant=quant, threads=threads, gpu_layers=gpu_layers).items() if v is not None}
+    options = {k: v for k, v in dict(quant=quant, threads=threads, gpu_layers=gpu_layers,
+                                     providers=list(providers) or None).items() if v is not None}
     gen = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                max_new_tokens=max_tokens, seed=seed)
     with load(model_or_default(model), backend=backend, **options) as hv, hv.lock:
