@@ -47,12 +47,15 @@ def post(url: str, body: dict, key: str | None, timeout: float) -> dict:
         return json.loads(response.read())
 
 
-def wait_healthy(base: str, key: str | None, server: subprocess.Popen | None, timeout: float) -> None:
+def wait_healthy(base: str, key: str | None, server: subprocess.Popen | None, timeout: float,
+                 log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
-    request = urllib.request.Request(base + "/health", headers={"Authorization": f"Bearer {key}"} if key else {})
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(base + "/health", headers=headers)
     while time.monotonic() < deadline:
         if server is not None and server.poll() is not None:
-            sys.exit(f"The server exited with code {server.returncode} before it was ready.")
+            tail = log.read_text(errors="replace")[-2000:] if log else ""
+            sys.exit(f"{tail}\nThe server exited with code {server.returncode} before it was ready.")
         try:
             with urllib.request.urlopen(request, timeout=2):
                 return
@@ -61,13 +64,16 @@ def wait_healthy(base: str, key: str | None, server: subprocess.Popen | None, ti
     sys.exit(f"The server at {base} was not healthy after {timeout:.0f} s.")
 
 
-def start_server(model: str, backend: str | None, key: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, backend: str | None, key: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """`huatuo-lite serve` as a child process; its output goes to `log` (shown if it fails)."""
     port = free_port()
     command = [sys.executable, "-m", "huatuo_lite.cli", "serve", "-m", model, "--host", "127.0.0.1",
                "--port", str(port), "--api-key", key, "--threads", str(threads), "-q"]
     command += ["-b", backend] if backend else []
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HUATUO_LITE_NO_NOTICE": "1"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), f"http://127.0.0.1:{port}"
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    return server, f"http://127.0.0.1:{port}"
 
 
 def run_load(base: str, key: str | None, model_id: str, args) -> dict:
@@ -136,15 +142,17 @@ def main(argv=None) -> None:
         sys.exit("This load test only talks to loopback servers (127.0.0.1 / localhost).")
 
     with tempfile.TemporaryDirectory(prefix="huatuo-load-") as tmp:
-        server, key, base = None, args.api_key, args.url
+        server, key, base, log = None, args.api_key, args.url, Path(tmp) / "server.log"
         if base is None:
             model = args.model or tiny_model(Path(tmp))
             key = "load-test-" + os.urandom(8).hex()
-            server, base = start_server(model, args.backend or (None if args.model else "torch"), key, args.threads)
+            backend = args.backend or (None if args.model else "torch")
+            server, base = start_server(model, backend, key, args.threads, log)
         try:
-            wait_healthy(base, key, server, timeout=300)
-            model_id = json.loads(urllib.request.urlopen(urllib.request.Request(
-                base + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})).read())["data"][0]["id"]
+            wait_healthy(base, key, server, timeout=300, log=log if server else None)
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            listing = urllib.request.urlopen(urllib.request.Request(base + "/v1/models", headers=headers))
+            model_id = json.loads(listing.read())["data"][0]["id"]
             post(base + "/v1/chat/completions", {"model": model_id, "max_tokens": 1,     # warm-up, not counted
                                                  "messages": [{"role": "user", "content": "Hi?"}]}, key, 120)
             print(json.dumps(run_load(base, key, model_id, args), indent=2))

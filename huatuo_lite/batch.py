@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -53,7 +53,8 @@ class AnswererSpec:
         """What a results file was made with; a resume must match it."""
         return {"model": str(Path(self.model).resolve()) if Path(self.model).exists() else self.model,
                 "backend": self.backend, "data": str(Path(data).resolve()), "temperature": self.temperature,
-                "seed": self.seed, "max_tokens": self.max_tokens}
+                "seed": self.seed, "max_tokens": self.max_tokens,
+                "options": {k: v for k, v in self.load_options.items() if k != "threads"}}  # threads may change
 
 
 class Answerer:
@@ -96,8 +97,11 @@ def read_done(out: Path, items: Sequence[BatchItem]) -> dict:
         with open(out, "r+b") as fh:
             fh.truncate(len(complete))
     keys, done = {item.index: item.key for item in items}, {}
-    for line in complete.decode("utf-8").splitlines():
-        row = json.loads(line)
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise HuatuoError(f"Line {number} of {out} is not JSON (edited by hand?); fix or delete it.") from None
         if keys.get(row.get("index"), row.get("key")) != row.get("key"):
             raise HuatuoError(f"{out} holds results of another dataset; use another --out or delete it.")
         if row.get("error") is None:
@@ -180,8 +184,11 @@ def _answer_in_worker(item: BatchItem) -> dict:
 
 
 def answer_in_pool(items, spec: AnswererSpec, workers: int, emit: Callable[[dict], None]) -> None:
-    """N worker processes, each loading its own model (spawned: no forked engine state);
-    a bounded window of requests in flight, submitted in record order."""
+    """N worker processes, each loading its own model (spawned: no forked engine state)
+    and, unless told, an equal share of the cores; a bounded window of requests
+    in flight, submitted in record order."""
+    share = {"threads": max(1, (os.cpu_count() or 1) // workers)}
+    spec = replace(spec, load_options={**share, **spec.load_options})
     queue = list(items)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
                              initargs=(spec,)) as pool:

@@ -15,6 +15,7 @@ already initialised by the caller is used as it is.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Callable, Sequence
 
 from .batch import Answerer, AnswererSpec
@@ -74,8 +75,11 @@ def answer_on_ray(items: Sequence[BatchItem], spec: AnswererSpec, workers: int,
         context.enable_progress_bars = False          # ours is the progress bar
         dataset = ray.data.from_items([{"item": item.to_json()} for item in items],
                                       override_num_blocks=min(len(items), MAX_BLOCKS))
+        # each actor reserves the CPUs its engine will use (--threads, default 1)
+        threads = int(spec.load_options.get("threads") or 1)
+        spec = replace(spec, load_options={**spec.load_options, "threads": threads})
         answered = dataset.map_batches(RayAnswerer, fn_constructor_kwargs={"spec": spec}, batch_size=1,
-                                       compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
+                                       compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads)
         for row in answered.iter_rows():
             emit(json.loads(row["row"]))
     except Exception as exc:

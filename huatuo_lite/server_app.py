@@ -153,7 +153,7 @@ def model_errors(fn):
 
 
 # -------------------------------------------------------------- streaming ----
-async def stream_completion(workers: Workers, model, messages: list, gen: dict) -> StreamingResponse:
+async def stream_completion(workers: Workers, model, messages: list, gen: dict, model_id: str) -> StreamingResponse:
     """Start the answer in one worker thread; errors before the first chunk
     (bad image, prompt too long) become a normal error response."""
     loop = asyncio.get_running_loop()
@@ -176,7 +176,7 @@ async def stream_completion(workers: Workers, model, messages: list, gen: dict) 
             for chunk in chunks:
                 if stop.is_set():                  # client gone: free the model now
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                loop.call_soon_threadsafe(queue.put_nowait, {**chunk, "model": model_id})
         except Exception as exc:
             log.exception("generation failed mid-stream")
             loop.call_soon_threadsafe(queue.put_nowait, ApiError(500, f"The model failed while answering: {exc}"))
@@ -283,9 +283,10 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
         confine_image_paths(settings, messages)
         gen = chat.generation_options()
         if chat.stream:
-            return await stream_completion(workers, model, messages, gen)
+            return await stream_completion(workers, model, messages, gen, settings.model_id)
         loop = asyncio.get_running_loop()
-        return await workers.submit(loop, model_errors,
-                                    lambda: model.create_chat_completion(messages, stream=False, **gen))
+        result = await workers.submit(loop, model_errors,
+                                      lambda: model.create_chat_completion(messages, stream=False, **gen))
+        return {**result, "model": settings.model_id}     # the id clients know (--model-id), not the folder
 
     return app

@@ -94,7 +94,7 @@ def test_streams_an_answer_about_an_image(client, model):
     assert len(chunks) >= 3 and text.strip() == expected.text and expected.text
     assert chunks[-1].choices[0].finish_reason == expected.finish_reason
     whole = client.chat.completions.create(model="tiny-7b", messages=user("What is shown?", DATA_URI), **GREEDY)
-    assert whole.choices[0].message.content == expected.text
+    assert whole.choices[0].message.content == expected.text and whole.model == chunks[0].model == "tiny-7b"
     assert whole.usage.prompt_tokens == expected.prompt_tokens and whole.usage.completion_tokens == 6
 
 
