@@ -1,0 +1,99 @@
+"""llama.cpp's native tools (llama-quantize, llama-imatrix, llama-mtmd-cli, llama-bench).
+
+They are built by the project's CMakeLists.txt into build/bin (see native/README.md):
+
+    cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2
+
+`find_tool` looks in $HUATUO_LLAMA_BIN, then build/bin of the current folder and of
+the source checkout this package runs from, then PATH. `run_tool` runs one and turns
+a failure into one sentence that ends with the tool's own last lines.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+from .errors import HuatuoError
+
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-mtmd-cli", "llama-bench")
+BIN_ENV = "HUATUO_LLAMA_BIN"            # a folder holding the tools (and the shared libraries)
+BUILD_BIN = Path("build") / "bin"
+BUILD_HINT = ("build them with `cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2` "
+              f"in the huatuo-lite source folder, or set {BIN_ENV} to a folder holding them")
+ERROR_TAIL_LINES = 6                    # of the tool's output, quoted in the error
+
+
+def candidate_dirs() -> list[Path]:
+    """Folders searched before PATH, in order."""
+    dirs = [Path(os.environ[BIN_ENV])] if os.environ.get(BIN_ENV) else []
+    checkout = Path(__file__).resolve().parent.parent   # the source folder of an editable install
+    return dirs + [Path.cwd() / BUILD_BIN, checkout / BUILD_BIN]
+
+
+def find_tool(name: str, required: bool = True) -> Path | None:
+    """The path of a built llama.cpp tool; None (or one sentence, if required) when absent."""
+    if name not in TOOLS:
+        raise HuatuoError(f"Unknown llama.cpp tool {name!r}: choose one of {', '.join(TOOLS)}.")
+    exe = name + (".exe" if os.name == "nt" else "")
+    for folder in candidate_dirs():
+        if (folder / exe).is_file() and os.access(folder / exe, os.X_OK):
+            return folder / exe
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    if required:
+        raise HuatuoError(f"llama.cpp's {name} was not found: {BUILD_HINT}.")
+    return None
+
+
+def native_lib_dir() -> Path | None:
+    """The folder of the built shared libraries (libllama, libggml*, libmtmd): the one
+    beside llama-mtmd-cli, for LLAMA_CPP_LIB_PATH / MTMD_CPP_LIB; None if not built."""
+    tool = find_tool("llama-mtmd-cli", required=False)
+    if tool is None:
+        return None
+    folder = tool.resolve().parent
+    has_libs = any(folder.glob("libllama.*")) or (folder / "llama.dll").is_file()
+    return folder if has_libs else None
+
+
+def lib_env(lib_dir: Path | str, base: dict | None = None) -> dict:
+    """An environment in which llama-cpp-python loads the libraries in lib_dir
+    (llama_cpp reads LLAMA_CPP_LIB_PATH, llama_cpp.mtmd_cpp reads MTMD_CPP_LIB)."""
+    env = dict(os.environ if base is None else base)
+    env["LLAMA_CPP_LIB_PATH"] = env["MTMD_CPP_LIB"] = str(lib_dir)
+    return env
+
+
+def run_tool(name: str, args: Sequence, timeout: float | None = None, env: dict | None = None,
+             tool: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a tool to completion and return it (stdout and stderr captured as text)."""
+    exe = tool or find_tool(name)
+    command = [str(exe), *map(str, args)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace",
+                              timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise HuatuoError(f"{name} did not finish within {timeout:.0f} s; give it more time or a smaller input.") from None
+    except OSError as exc:
+        raise HuatuoError(f"{name} ({exe}) could not start ({exc.strerror}); rebuild it: {BUILD_HINT}.") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-ERROR_TAIL_LINES:])
+        raise HuatuoError(f"{name} failed with exit code {done.returncode}; its last lines say:\n{tail}")
+    return done
+
+
+def tool_version(name: str) -> str | None:
+    """The build line a tool prints for --version (e.g. 'version: 1 (0c1e570)'), or None."""
+    tool = find_tool(name, required=False)
+    if tool is None:
+        return None
+    try:
+        done = subprocess.run([str(tool), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.startswith("version")]
+    return lines[0] if lines else None
