@@ -1,16 +1,21 @@
 """`huatuo-lite convert onnx`: upstream folder -> vision.onnx + embed.onnx +
 decoder.onnx (+ .data files) + tokenizer files + manifest.json.
 
-The three graphs follow onnxruntime-genai's layout for vision models. They are
-exported once in fp32 (torch.onnx, TorchScript exporter by default, see
-onnx_graph; our own small decoder module, see onnx_text),
-then quantized by onnxruntime's own tools (onnx_quant); `quantize_onnx` makes a
-quantized folder from an fp32 one without torch. Everything is written in a
-staging folder and moved into OUT_DIR when complete; fp32 intermediates of a
-quantized export live in a scratch folder that is always removed.
+The three graphs follow onnxruntime-genai's layout for vision models.
 
-Memory: the decoder is built in fp32 (4 bytes/parameter): fine for tiny and
-~0.5B models; a real 7B needs ~2-3x its 28 GB fp32 size to export this way.
+  embed, decoder  written by onnx_stream straight in the asked quant: the graph
+                  structure from the config (onnx_builder), each weight streamed
+                  from the checkpoint, converted/quantized per tensor in chunks
+                  (peak memory ~ one stored tensor, not the model: a real 7B or
+                  34B converts on a laptop-class machine).
+  vision          small (CLIP-L ~0.3B): torch.onnx export in fp32 (onnx_vision,
+                  TorchScript exporter by default), then onnx_quant for int8.
+
+`quantize_onnx` makes a quantized folder from an fp32 one with onnxruntime's
+graph quantizer, without torch (it loads the whole graph: for small models).
+Everything is written in a staging folder and moved into OUT_DIR when
+complete; a quantized vision graph's fp32 intermediate lives in a scratch
+folder inside it that is always removed.
 """
 from __future__ import annotations
 
@@ -25,19 +30,18 @@ from tqdm import tqdm
 
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.family import CONTEXT_LENGTH, IMAGE_TOKENS
-from huatuo_lite.fsutil import ensure_writable_dir, staging_dir
+from huatuo_lite.fsutil import staging_dir
 from huatuo_lite.manifest import check_sizes, file_entry, read_manifest, write_manifest
 
 from .checkpoint import open_checkpoint
 from .onnx_graph import EXPORTERS, check_graph
 from .onnx_quant import QUANT_BITS, QUANT_MODES, VISION_QUANT_MODES, check_mode, quantize_graph
-from .onnx_text import export_decoder, export_embed
+from .onnx_stream import export_decoder_streamed, export_embed_streamed
 from .onnx_vision import export_vision
 
 VISION, EMBED, DECODER = "vision.onnx", "embed.onnx", "decoder.onnx"
-# graph file -> (role in the manifest, fp32 exporter)
-GRAPHS = {VISION: ("vision", export_vision), EMBED: ("embed", export_embed),
-          DECODER: ("decoder", export_decoder)}
+GRAPHS = {VISION: "vision", EMBED: "embed", DECODER: "decoder"}   # graph file -> role in the manifest
+STREAMED = {EMBED: export_embed_streamed, DECODER: export_decoder_streamed}
 # text quant -> how the embedding table is stored. Gather quantizes only to 4 bits
 # in onnxruntime 1.32, so int8 keeps an fp16 table (exact to fp16 rounding).
 EMBED_QUANT = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "int4"}
@@ -53,14 +57,31 @@ def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", b
     if exporter not in EXPORTERS:
         raise HuatuoError(f"Unknown ONNX exporter {exporter!r}: choose one of {', '.join(EXPORTERS)}.")
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
-    if quant == "fp32" and vision_quant == "fp32":
-        with staging_dir(out_dir) as stage:
-            _export_fp32(ckpt, stage, force_external_data, exporter)
-        return Path(out_dir) / DECODER
-    ensure_writable_dir(Path(out_dir))
-    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=out_dir) as scratch:
-        _export_fp32(ckpt, Path(scratch), False, exporter)
-        return quantize_onnx(scratch, out_dir, quant, vision_quant, block_size, force_external_data)
+    modes = {EMBED: EMBED_QUANT[quant], DECODER: quant}
+    with staging_dir(out_dir) as stage:
+        files = _export_vision(ckpt, stage, vision_quant, force_external_data, exporter)
+        for name, export in tqdm(STREAMED.items(), desc=f"onnx {quant}", unit="graph", leave=False):
+            written = export(ckpt, stage / name, modes[name], block_size, force_external_data)
+            check_graph(stage / name)
+            files.update(_graph_entries(name, written, modes[name]))
+        for path in copy_tokenizer(ckpt, stage):
+            files[path.name] = file_entry(path, "tokenizer")
+        write_manifest(stage, _manifest(ckpt, files, _onnx_section(quant, vision_quant, block_size)))
+    return Path(out_dir) / DECODER
+
+
+def _export_vision(ckpt, stage: Path, vision_quant: str, force_external_data: bool, exporter: str) -> dict:
+    """vision.onnx in fp32 from torch, quantized from a scratch copy when asked;
+    returns its manifest entries."""
+    if vision_quant == "fp32":
+        written = export_vision(ckpt, stage / VISION, force_external_data=force_external_data, exporter=exporter)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".scratch-", dir=stage) as scratch:
+            fp32 = Path(scratch) / VISION
+            export_vision(ckpt, fp32, exporter=exporter)
+            written = quantize_graph(fp32, stage / VISION, vision_quant, force_external_data=force_external_data)
+    check_graph(stage / VISION)
+    return _graph_entries(VISION, written, vision_quant)
 
 
 def quantize_onnx(fp32_dir, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
@@ -97,22 +118,8 @@ def _check_options(quant: str, vision_quant: str, block_size: int) -> None:
         raise HuatuoError(f"--block-size {block_size} is not supported: use a power of two >= 16 (32 is the default).")
 
 
-def _export_fp32(ckpt, folder: Path, force_external_data: bool, exporter: str) -> None:
-    """The three fp32 graphs, the tokenizer files and the manifest into `folder`."""
-    files = {}
-    steps = tqdm(GRAPHS.items(), desc="onnx export", unit="graph", leave=False)
-    for name, (role, export) in steps:
-        steps.set_postfix_str(name)
-        written = export(ckpt, folder / name, force_external_data=force_external_data, exporter=exporter)
-        check_graph(folder / name)
-        files.update(_graph_entries(name, written, "fp32"))
-    for path in copy_tokenizer(ckpt, folder):
-        files[path.name] = file_entry(path, "tokenizer")
-    write_manifest(folder, _manifest(ckpt, files))
-
-
 def _graph_entries(name: str, written: list, mode: str) -> dict:
-    role = GRAPHS[name][0]
+    role = GRAPHS[name]
     return {p.name: file_entry(p, role if p.name == name else "data", quant=mode) for p in written}
 
 
@@ -167,7 +174,7 @@ def _tools() -> dict:
             ("huatuo-lite", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")}
 
 
-def _manifest(ckpt, files: dict) -> dict:
+def _manifest(ckpt, files: dict, onnx_section: dict) -> dict:
     text = ckpt.text
     return {
         "format": "onnx",
@@ -180,7 +187,7 @@ def _manifest(ckpt, files: dict) -> dict:
                  "n_ctx": context_length(ckpt), "eos_token_ids": eos_token_ids(ckpt)},
         "vision": {"projector": ckpt.projector.kind, "n_embd_out": ckpt.projector.out_features,
                    "image_size": ckpt.vision.image_size, "image_tokens": IMAGE_TOKENS},
-        "onnx": _onnx_section("fp32", "fp32", 32),
+        "onnx": onnx_section,
         "source": {"config_sha256": _config_hash(ckpt), "path": str(Path(ckpt.root).resolve())},
         "tools": _tools(),
     }

@@ -1,5 +1,9 @@
-"""Session-scoped ONNX exports of the tiny checkpoints (exports are slow: each
-fp32 export is done once, every quant is made from it with quantize_onnx).
+"""Session-scoped ONNX exports of the tiny checkpoints, each done once.
+
+The quantized folders come from export_onnx(quant=...) as the CLI makes them:
+embed and decoder streamed and quantized per tensor (onnx_stream). The graph
+quantizer route (quantize_onnx from the fp32 folder) is held to them in
+test_onnx_stream.py.
 
 Import the fixtures into a test module with
 `from fixtures_onnx import *  # noqa: F401,F403`.
@@ -40,27 +44,27 @@ def onnx_34b(tiny_34b, tmp_path_factory):
     return out
 
 
-def _quantized(fp32_dir, tmp_path_factory, quant, **options):
-    from huatuo_lite.convert.onnx_export import quantize_onnx
+def _quantized(tiny_7b, tmp_path_factory, quant, **options):
+    from huatuo_lite.convert.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp(f"onnx-7b-{quant}")
-    quantize_onnx(fp32_dir, out, quant=quant, **options)
+    export_onnx(tiny_7b, out, quant=quant, **options)
     return out
 
 
 @pytest.fixture(scope="session")
-def onnx_7b_int8(onnx_7b, tmp_path_factory):
-    return _quantized(onnx_7b, tmp_path_factory, "int8", vision_quant="int8")
+def onnx_7b_int8(tiny_7b, tmp_path_factory):
+    return _quantized(tiny_7b, tmp_path_factory, "int8", vision_quant="int8")
 
 
 @pytest.fixture(scope="session")
-def onnx_7b_int4(onnx_7b, tmp_path_factory):
-    return _quantized(onnx_7b, tmp_path_factory, "int4")
+def onnx_7b_int4(tiny_7b, tmp_path_factory):
+    return _quantized(tiny_7b, tmp_path_factory, "int4")
 
 
 @pytest.fixture(scope="session")
-def onnx_7b_fp16(onnx_7b, tmp_path_factory):
-    return _quantized(onnx_7b, tmp_path_factory, "fp16")
+def onnx_7b_fp16(tiny_7b, tmp_path_factory):
+    return _quantized(tiny_7b, tmp_path_factory, "fp16")
 
 
 @pytest.fixture(scope="session")
