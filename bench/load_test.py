@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import os
 import socket
@@ -76,9 +77,23 @@ def start_server(model: str, backend: str | None, key: str, threads: int, log: P
     return server, f"http://127.0.0.1:{port}"
 
 
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def noise_png(seed: int, side: int = 336) -> bytes:
+    """A distinct image per request, so the server's image-feature cache cannot help."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
 def run_load(base: str, key: str | None, model_id: str, args) -> dict:
     """--requests completions from --concurrency threads, none started after --time-limit."""
-    uri = "data:image/png;base64," + base64.b64encode(Path(args.image).read_bytes()).decode()
+    fixed = data_uri(Path(args.image).read_bytes())
     deadline = time.monotonic() + args.time_limit
     counter, lock = iter(range(args.requests)), threading.Lock()
     latencies, tokens, failures = [], [], []
@@ -89,6 +104,7 @@ def run_load(base: str, key: str | None, model_id: str, args) -> dict:
                 index = next(counter, None)
             if index is None or time.monotonic() >= deadline:
                 return
+            uri = data_uri(noise_png(index)) if args.distinct_images else fixed
             body = {"model": model_id, "temperature": 0, "max_tokens": args.max_tokens, "messages": [
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                              {"type": "text", "text": f"Request {index}: what is shown?"}]}]}
@@ -114,6 +130,7 @@ def run_load(base: str, key: str | None, model_id: str, args) -> dict:
             "latency_p50_s": round(float(np.percentile(lat, 50)), 3),
             "latency_p95_s": round(float(np.percentile(lat, 95)), 3), "latency_max_s": round(float(lat.max()), 3),
             "completion_tokens_per_s": round(sum(tokens) / wall, 2), "max_tokens": args.max_tokens,
+            "distinct_images": args.distinct_images,
             "first_failure": failures[0] if failures else None}
 
 
@@ -136,7 +153,9 @@ def main(argv=None) -> None:
                         help="Seconds one request may take (requests in flight at the time limit finish).")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="Threads of a server started here.")
-    parser.add_argument("--image", default=str(EXAMPLE))
+    parser.add_argument("--image", default=str(EXAMPLE), help="The image every request sends.")
+    parser.add_argument("--distinct-images", action="store_true",
+                        help="A different noise image per request (no feature-cache hits) instead of --image.")
     args = parser.parse_args(argv)
     if args.url and urlparse(args.url).hostname not in LOOPBACK:
         sys.exit("This load test only talks to loopback servers (127.0.0.1 / localhost).")
