@@ -1,7 +1,13 @@
-"""embed.onnx and decoder.onnx: the text side, written as a small torch module
-whose parameters carry the canonical checkpoint names (so loading is a strict
-name-for-name copy) and whose KV cache is plain tensors in and out (no
-transformers Cache objects inside the exported graph).
+"""The text side as a small torch module (the reference for the ONNX graphs):
+parameters carry the canonical checkpoint names (loading is a strict
+name-for-name copy), the KV cache is plain tensors in and out (no transformers
+Cache objects inside an exported graph).
+
+`huatuo-lite convert onnx` no longer exports this module: it holds the model
+in float32 and torch.onnx copies it again (a 7B needs 2-3x its 28 GB), so the
+CLI writes embed.onnx/decoder.onnx with onnx_stream (same inputs, outputs and
+math, weights streamed per tensor). export_decoder/export_embed stay for the
+tests that hold the streamed graphs to this module and to the dynamo exporter.
 
 embed.onnx    input_ids [B, L] int64 -> inputs_embeds [B, L, H] float32
 decoder.onnx  inputs_embeds [B, L, H], attention_mask [B, S] int64 (S = P + L),

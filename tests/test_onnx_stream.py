@@ -70,3 +70,44 @@ def test_small_graphs_are_inlined_unless_forced(onnx_7b, onnx_34b):
     model = onnx.load(str(onnx_34b / "decoder.onnx"), load_external_data=False)
     offsets = [int(e.value) for t in model.graph.initializer for e in t.external_data if e.key == "offset"]
     assert len(offsets) > 10 and all(o % 4096 == 0 for o in offsets)
+
+
+def _tied_copy(src, dest):
+    """src with lm_head.weight removed and tie_word_embeddings set (like Qwen2-0.5B)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    index_path = dest / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = dest / index["weight_map"].pop("lm_head.weight")
+    tensors = load_file(str(shard))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return dest
+
+
+def test_tied_lm_head_streams_the_embedding(tiny_7b, tmp_path):
+    """No lm_head.weight: the decoder's output projection is the embedding table,
+    read once more after the layer pass; logits equal the torch module's."""
+    import torch
+
+    from huatuo_lite.backends.vision_onnx import make_session
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+    from huatuo_lite.convert.onnx_stream import export_decoder_streamed
+    from huatuo_lite.convert.onnx_text import build_decoder, decoder_example
+
+    ckpt = open_checkpoint(_tied_copy(tiny_7b, tmp_path / "tied"))
+    assert "lm_head.weight" not in ckpt.names() and ckpt.text.tie_word_embeddings
+    export_decoder_streamed(ckpt, tmp_path / "decoder.onnx")
+    session = make_session(tmp_path / "decoder.onnx", 1)
+    example = decoder_example(ckpt.text, batch=2, length=3, past=2)
+    got = session.run(["logits"], {i.name: t.numpy() for i, t in zip(session.get_inputs(), example)})[0]
+    with torch.no_grad():
+        want = build_decoder(ckpt)(*example)[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
