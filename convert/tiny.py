@@ -53,6 +53,8 @@ class TinySizes:
     image_size: int = IMAGE_SIZE
     patch_size: int = PATCH_SIZE
     num_shards: int = 3
+    vocab_rows: int = 0       # embedding/lm_head rows; 0: the variant's own rule from the tokenizer size
+                              # (real shapes: 151936 for Qwen2-0.5B, 152064 for the 7B -- decode reads them)
 
 
 # (condition that must hold, why) -- checked before anything is written.
@@ -65,6 +67,7 @@ SIZE_RULES = (
     (lambda s: s.vision_intermediate_size != s.vision_hidden_size,
      "vision_intermediate_size must differ from vision_hidden_size (llama.cpp swaps the CLIP ffn otherwise)"),
     (lambda s: s.vision_layers >= 2, "vision_layers must be at least 2 (features come from layer -2)"),
+    (lambda s: s.vocab_rows >= 0, "vocab_rows must be 0 (from the tokenizer) or a positive row count"),
 )
 
 
@@ -72,6 +75,14 @@ def _check_sizes(sizes: TinySizes) -> None:
     broken = next((why for rule, why in SIZE_RULES if not rule(sizes)), None)
     if broken:
         raise HuatuoError(f"Bad tiny sizes: {broken}.")
+
+
+def _rows(sizes: TinySizes, tokenizer_size: int, default: int) -> int:
+    """sizes.vocab_rows when set (never fewer rows than the tokenizer has tokens), else default."""
+    if sizes.vocab_rows and sizes.vocab_rows < tokenizer_size:
+        raise HuatuoError(f"vocab_rows {sizes.vocab_rows} is below the tokenizer's {tokenizer_size} tokens: "
+                          "choose at least that many rows.")
+    return sizes.vocab_rows or default
 
 
 def embedding_rows(tokenizer_size: int, multiple: int = 256) -> int:
@@ -84,7 +95,7 @@ def embedding_rows(tokenizer_size: int, multiple: int = 256) -> int:
 def _build_7b(root: Path, sizes: TinySizes, seed: int) -> None:
     tok = build_qwen2_tokenizer(root)
     eos = tok.special_ids["<|endoftext|>"]
-    rows = embedding_rows(tok.size)
+    rows = _rows(sizes, tok.size, embedding_rows(tok.size))
     tensors = canonical_tensors(sizes, "qwen2", rows, seed)
     _write_config(root, llava_config("7b", sizes, rows, bos=eos, eos=eos, pad=None))
     _write_shards(root, tensors, sizes.num_shards)
@@ -95,8 +106,9 @@ def _build_34b(root: Path, sizes: TinySizes, seed: int) -> None:
     tok = build_yi_tokenizer(root)
     ids = tok.special_ids
     # Yi: rows == tokenizer size (64000 both upstream).
-    tensors = canonical_tensors(sizes, "llama", tok.size, seed)
-    _write_config(root, llava_config("34b", sizes, tok.size, bos=ids["<|startoftext|>"],
+    rows = _rows(sizes, tok.size, tok.size)
+    tensors = canonical_tensors(sizes, "llama", rows, seed)
+    _write_config(root, llava_config("34b", sizes, rows, bos=ids["<|startoftext|>"],
                                      eos=ids["<|endoftext|>"], pad=ids["<unk>"]))
     _write_shards(root, tensors, sizes.num_shards)
     _write_vit(root, sizes, seed)
@@ -106,7 +118,7 @@ def _build_7b_hf(root: Path, sizes: TinySizes, seed: int) -> None:
     tok = build_qwen2_tokenizer(root, extra_tokens=(HF_IMAGE_TOKEN,))
     eos = tok.special_ids["<|endoftext|>"]
     # Same rows as the 7b build: the -hf conversion kept the embedding matrix.
-    rows = embedding_rows(tok.size - 1)
+    rows = _rows(sizes, tok.size, embedding_rows(tok.size - 1))
     image_id = tok.special_ids[HF_IMAGE_TOKEN]
     if image_id >= rows:   # cannot happen with the defaults; never write a broken folder
         raise HuatuoError(f"The <image> token id {image_id} does not fit {rows} embedding rows.")

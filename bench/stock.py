@@ -1,0 +1,114 @@
+"""Stock llama.cpp on the same GGUF files: the peer our GGUF backend is held to.
+
+llama-bench gives prefill (pp, `-p`) and decode (tg, `-n`) tokens/s on the text GGUF;
+llama-mtmd-cli, given the mmproj and an image, gives the whole first answer's timings
+(image encode, prompt eval of image + text, decode), i.e. its time to first token.
+Both come from huatuo_lite.native (build/bin); when absent the rows are skipped.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+from huatuo_lite import native
+from huatuo_lite.errors import HuatuoError
+
+PROMPT_TOKENS = 576           # one image's tokens: the prefill a first question pays
+# llama-mtmd-cli / llama_perf lines (milliseconds)
+MTMD_PATTERNS = {
+    "image_encode_ms": re.compile(r"image slice encoded in\s+([\d.]+)\s*ms"),
+    "image_decode_ms": re.compile(r"image decoded \(batch \d+/\d+\) in\s+([\d.]+)\s*ms"),
+    "prompt_eval_ms": re.compile(r"prompt eval time =\s+([\d.]+)\s*ms\s*/\s*(\d+)\s*tokens"),
+    "eval_ms": re.compile(r"\beval time =\s+([\d.]+)\s*ms\s*/\s*(\d+)\s*runs"),
+}
+
+
+def tools() -> dict:
+    """{'llama-bench': path or None, 'llama-mtmd-cli': path or None}."""
+    return {name: native.find_tool(name, required=False) for name in ("llama-bench", "llama-mtmd-cli")}
+
+
+def llama_bench(text_gguf: Path, threads: int, new_tokens: int, repeat: int,
+                prompt_tokens: int = PROMPT_TOKENS) -> dict:
+    """{'prefill_tokens_per_s', 'decode_tokens_per_s'} of llama-bench (its mean of `repeat` runs)."""
+    args = ["-m", text_gguf, "-p", prompt_tokens, "-n", new_tokens, "-t", threads, "-r", max(1, repeat),
+            "-o", "json"]
+    done = native.run_tool("llama-bench", args, timeout=3600)
+    records = json.loads(done.stdout)
+    result = {}
+    for record in records:   # one record for the pp test (n_gen 0), one for tg (n_prompt 0)
+        key = "prefill_tokens_per_s" if record.get("n_gen", 0) == 0 else "decode_tokens_per_s"
+        result[key] = float(record["avg_ts"])
+    if len(result) != 2:
+        raise HuatuoError(f"llama-bench printed no pp/tg pair for {text_gguf.name}; run it by hand to see why.")
+    return result
+
+
+def parse_mtmd_log(text: str) -> dict:
+    """Milliseconds of each phase found in llama-mtmd-cli's log -> seconds and tokens/s."""
+    found = {key: pattern.search(text) for key, pattern in MTMD_PATTERNS.items()}
+    if found["prompt_eval_ms"] is None:
+        raise HuatuoError("llama-mtmd-cli printed no timings (llama_perf lines); run it by hand to see why.")
+    encode_s = sum(float(found[k].group(1)) for k in ("image_encode_ms",) if found[k]) / 1000
+    prompt_s = float(found["prompt_eval_ms"].group(1)) / 1000
+    prompt_n = int(found["prompt_eval_ms"].group(2))
+    result = {"image_encode_s": encode_s, "prefill_s": prompt_s,
+              "prefill_tokens_per_s": prompt_n / prompt_s if prompt_s else 0.0,
+              "time_to_first_token_s": encode_s + prompt_s, "prompt_tokens": prompt_n}
+    if found["eval_ms"] and int(found["eval_ms"].group(2)) > 1:
+        eval_s, runs = float(found["eval_ms"].group(1)) / 1000, int(found["eval_ms"].group(2))
+        result.update(decode_s=eval_s, decode_tokens_per_s=runs / eval_s)
+    return result
+
+
+def mtmd_first_answer(text_gguf: Path, mmproj: Path, image: Path, question: str, threads: int,
+                      new_tokens: int) -> dict:
+    """One greedy first answer by llama-mtmd-cli; its timings (see parse_mtmd_log)."""
+    from huatuo_lite.convert.gguf_text import MTMD_MARKER
+    from huatuo_lite.family import IMAGE_LINE, IMAGE_PLACEHOLDER
+
+    prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) + question
+    args = ["-m", text_gguf, "--mmproj", mmproj, "--image", image, "-p", prompt, "--temp", "0",
+            "-n", new_tokens, "-t", threads, "--jinja", "--no-warmup", "-c", 4096, "--seed", 0]
+    done = native.run_tool("llama-mtmd-cli", args, timeout=3600)
+    return parse_mtmd_log(done.stderr + "\n" + done.stdout)
+
+
+def stock_rows(gguf_targets: list, images: list, question: str, threads: int, new_tokens: int,
+               repeat: int) -> tuple[list[dict], list[str]]:
+    """One 'llama.cpp <quant>' row per GGUF target; notes for what could not run."""
+    from profiles import text_gguf
+
+    found, rows, notes = tools(), [], []
+    if found["llama-bench"] is None:
+        return [], [f"stock llama.cpp rows skipped: llama-bench was not found ({native.BUILD_HINT})."]
+    for target in gguf_targets:
+        row = {"label": f"llama.cpp {target.quant}", "backend": "llama.cpp", "quant": target.quant,
+               "folder": str(target.folder)}
+        try:
+            row.update(llama_bench(text_gguf(target.folder), threads, new_tokens, repeat))
+            if found["llama-mtmd-cli"] is not None:
+                row.update(_mtmd_median(target, images, question, threads, new_tokens))
+        except HuatuoError as exc:
+            notes.append(f"{row['label']}: {exc}")
+            continue
+        rows.append(row)
+    return rows, notes
+
+
+def _mtmd_median(target, images, question, threads, new_tokens) -> dict:
+    """Median over the images of mtmd-cli's TTFT figures; decode stays llama-bench's (EOS can
+    end a random model's answer early, llama-bench always runs n tokens)."""
+    from huatuo_lite.manifest import read_manifest
+    from profiles import text_gguf
+
+    files = read_manifest(target.folder)["files"]
+    mmproj = target.folder / next(name for name, entry in files.items() if entry["role"] == "mmproj")
+    runs = [mtmd_first_answer(text_gguf(target.folder), mmproj, image, question, threads, new_tokens)
+            for image in images]
+    keys = ("image_encode_s", "prefill_s", "time_to_first_token_s")
+    result = {key: statistics.median(run[key] for run in runs) for key in keys}
+    result["mtmd_prefill_tokens_per_s"] = statistics.median(run["prefill_tokens_per_s"] for run in runs)
+    return result
