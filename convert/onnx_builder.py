@@ -121,7 +121,7 @@ class Graph:
                                   initializer=[*self.constants, *weights])
         opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="huatuo-lite")
-        model.ir_version = 8       # onnxruntime 1.x reads ir 8 for opset 18
+        model.ir_version = 10      # INT4 tensors (GatherBlockQuantized) need IR >= 10
         return model
 
 

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto
+from tqdm import tqdm
 
 from huatuo_lite.errors import ModelFormatError
 
 from .onnx_builder import Slot, build_decoder, build_embed
-from .onnx_graph import PROTOBUF_LIMIT, external_data_path, graph_files, save_graph
+from .onnx_graph import external_data_path, graph_files, save_graph
 from .onnx_quant import ACCURACY_LEVEL, QUANT_BITS
 
 CHUNK_BYTES = 16 * 2**20     # float32 bytes converted at once (a 7B lm_head is 2.2 GB in float32)
@@ -179,11 +180,13 @@ def stream_weights(ckpt, slots: list, data: DataFile, prefixes: tuple = ()) -> l
     for slot in slots:
         wanted[slot.source].append(slot)
     weights = []
+    progress = tqdm(total=len(slots), desc=data.path.name.removesuffix(".data"), unit="tensor", leave=False)
 
     def encode(name: str, tensor) -> None:
         for slot in wanted.pop(name, []):
             _check_shape(ckpt, slot, tensor)
             weights.extend(_encoder(slot)(tensor, slot, data))
+            progress.update()
 
     for prefix in prefixes:
         for name, tensor in ckpt.iter_tensors(prefix):
@@ -191,6 +194,7 @@ def stream_weights(ckpt, slots: list, data: DataFile, prefixes: tuple = ()) -> l
             del tensor                  # before the reader makes the next one
     for name in list(wanted):
         encode(name, ckpt.get(name))
+    progress.close()
     return weights
 
 
@@ -206,7 +210,7 @@ def write_streamed(ckpt, graph, path: Path, doc: str, prefixes: tuple = (),
     finally:
         data.close()
     onnx.save_model(graph.model(weights, doc), str(path))
-    if force_external_data or data.size > min(INLINE_BYTES, PROTOBUF_LIMIT * 0.9):
+    if force_external_data or data.size > INLINE_BYTES:
         return graph_files(path)
     model = onnx.load(str(path))                    # small: pull the weights in, one file
     external_data_path(path).unlink()
