@@ -125,7 +125,7 @@ class Graph:
         return model
 
 
-def _value(name: str, elem, dims: list):
+def value_info(name: str, elem, dims: list):
     return helper.make_tensor_value_info(name, elem, dims)
 
 
@@ -219,13 +219,13 @@ def build_decoder(t, names: set, mode: str = "fp32", block_size: int = 32) -> Gr
     tensor names (they say which biases exist and whether lm_head is tied)."""
     g = Graph(mode, block_size)
     hd = t.hidden_size // t.num_heads
-    g.inputs = [_value("inputs_embeds", FLOAT, ["b", "l", t.hidden_size]),
-                _value("attention_mask", TensorProto.INT64, ["b", "s"]),
-                _value("position_ids", TensorProto.INT64, ["b", "l"])]
+    g.inputs = [value_info("inputs_embeds", FLOAT, ["b", "l", t.hidden_size]),
+                value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+                value_info("position_ids", TensorProto.INT64, ["b", "l"])]
     for i in range(t.num_layers):
-        g.inputs += [_value(f"past_key_values.{i}.{kind}", FLOAT, ["b", t.num_kv_heads, "p", hd])
+        g.inputs += [value_info(f"past_key_values.{i}.{kind}", FLOAT, ["b", t.num_kv_heads, "p", hd])
                      for kind in ("key", "value")]
-    g.outputs = [_value("logits", FLOAT, ["b", "l", t.vocab_size])]
+    g.outputs = [value_info("logits", FLOAT, ["b", "l", t.vocab_size])]
     cos, sin = rotary(g, t, hd)
     bias = mask_bias(g)
     x = g.to_compute("inputs_embeds")
@@ -235,7 +235,7 @@ def build_decoder(t, names: set, mode: str = "fp32", block_size: int = 32) -> Gr
                                                        t.rms_norm_eps), cos, sin, bias, names))
         x = g.op("Add", x, mlp(g, t, i, rms_norm(g, x, p + "post_attention_layernorm.weight", t.hidden_size,
                                                  t.rms_norm_eps)))
-        g.outputs += [_value(f"present.{i}.{kind}", FLOAT, ["b", t.num_kv_heads, "s", hd])
+        g.outputs += [value_info(f"present.{i}.{kind}", FLOAT, ["b", t.num_kv_heads, "s", hd])
                       for kind in ("key", "value")]
     head = "lm_head.weight" if "lm_head.weight" in names else EMBED_NAME      # tied: the embedding
     x = rms_norm(g, x, "model.norm.weight", t.hidden_size, t.rms_norm_eps)
@@ -247,8 +247,8 @@ def build_decoder(t, names: set, mode: str = "fp32", block_size: int = 32) -> Gr
 def build_embed(t, mode: str = "fp32", block_size: int = 32) -> Graph:
     """input_ids -> inputs_embeds; `mode` is the table's storage: fp32, fp16 or int4."""
     g = Graph("fp16" if mode == "fp16" else "fp32", block_size)
-    g.inputs = [_value("input_ids", TensorProto.INT64, ["b", "l"])]
-    g.outputs = [_value("inputs_embeds", FLOAT, ["b", "l", t.hidden_size])]
+    g.inputs = [value_info("input_ids", TensorProto.INT64, ["b", "l"])]
+    g.outputs = [value_info("inputs_embeds", FLOAT, ["b", "l", t.hidden_size])]
     g.slots.append(Slot(EMBED_NAME, "table", mode, EMBED_NAME, (t.vocab_size, t.hidden_size), block_size))
     if mode == "int4":
         g.op("GatherBlockQuantized", f"{EMBED_NAME}_Q4", "input_ids", f"{EMBED_NAME}_scales",

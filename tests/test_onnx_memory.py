@@ -1,4 +1,4 @@
-"""ONNX text export streams weights: peak memory grows by about one tensor and a
+"""`convert onnx` streams weights: peak memory grows by about one tensor and a
 conversion chunk, not by the model (a real 7B is 28 GB in float32)."""
 from __future__ import annotations
 
@@ -28,19 +28,17 @@ import sys
 from pathlib import Path
 import onnx, onnxruntime, torch
 from onnxruntime.quantization import matmul_nbits_quantizer
-from huatuo_lite.convert import onnx_stream
+from huatuo_lite.convert import onnx_export
 from huatuo_lite.convert.checkpoint import open_checkpoint
 ckpt = open_checkpoint(sys.argv[1])
 """
 CONVERT = BASELINE + """
-out, quant = Path(sys.argv[2]), sys.argv[3]
-out.mkdir()
-onnx_stream.export_embed_streamed(ckpt, out / "embed.onnx", "int4" if quant == "int4" else "fp32")
-onnx_stream.export_decoder_streamed(ckpt, out / "decoder.onnx", quant)
+onnx_export.export_onnx(sys.argv[1], sys.argv[2], quant=sys.argv[3])
 """
 # growth allowed, as a fraction of the decoder's float32 weights: holding the model
-# would grow by >= 1.0 (the TorchScript route measured 2-3x); streaming measured
-# fp32 0.21, int4 0.21 here, most of it fixed (allocator, the shard's mapped pages).
+# would grow by >= 1.0 (torch.onnx + graph quantizer: 4.2x on it); streaming measured
+# fp32 0.21, int4 0.28 here, most of it fixed (allocator, the shard's mapped pages,
+# onnxruntime's quantizer module).
 MAX_GROWTH = 0.45
 
 
@@ -89,8 +87,9 @@ def test_text_export_peak_rss_is_far_below_model_size(quant, big_checkpoint, bas
     print(f"{quant}: decoder {fp32_mb:.0f} MB in float32, {len(shards)} shards; wrote {written:.0f} MB; "
           f"peak RSS {peak:.0f} MB (baseline {baseline_mb:.0f} MB, growth {growth:.0f} MB "
           f"= {growth / fp32_mb:.2f} of float32)")
-    # everything was written: fp32 is the float32 size, int4 ~4.5 bits per weight
-    expected = {"fp32": (0.98 * fp32_mb, 1.05 * fp32_mb), "int4": (0.12 * fp32_mb, 0.2 * fp32_mb)}[quant]
+    # everything was written: fp32 the float32 size (+ the small vision graph and embedding),
+    # int4 ~4.5 bits per decoder weight (+ vision in fp32)
+    expected = {"fp32": (0.98 * fp32_mb, 1.1 * fp32_mb), "int4": (0.12 * fp32_mb, 0.25 * fp32_mb)}[quant]
     assert expected[0] < written < expected[1]
     assert (out / "decoder.onnx.data").is_file()     # past the inline size: weights stay external
     onnx.checker.check_model(str(out / "decoder.onnx"))

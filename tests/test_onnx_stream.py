@@ -1,6 +1,7 @@
-"""The streamed text export (onnx_stream + onnx_builder, what the CLI uses) against
-the two routes it replaces: onnxruntime's graph quantizer run on the whole fp32
-graph (quantize_onnx), and the torch module exported by torch.onnx (onnx_text)."""
+"""The streamed export (onnx_stream + onnx_builder + onnx_vision_stream, what the
+CLI uses) against the routes it replaces: onnxruntime's graph quantizer run on
+the whole fp32 graph (quantize_onnx), and torch modules exported by torch.onnx
+(onnx_text, onnx_vision)."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ def test_streamed_quantization_is_the_graph_quantizers(quant_fixture, options, o
     streamed = request.getfixturevalue(quant_fixture)
     quant = quant_fixture.rsplit("_", 1)[-1]
     quantize_onnx(onnx_7b, tmp_path, quant=quant, **options)
-    for graph in ("decoder.onnx", "embed.onnx"):
+    for graph in ("decoder.onnx", "embed.onnx", "vision.onnx"):
         mine, theirs = _weights(streamed / graph), _weights(tmp_path / graph)
         packed = sorted(n for n in theirs if n.endswith(QUANT_SUFFIXES))
         assert packed == sorted(n for n in mine if n.endswith(QUANT_SUFFIXES))
@@ -37,6 +38,8 @@ def test_streamed_quantization_is_the_graph_quantizers(quant_fixture, options, o
             np.testing.assert_array_equal(mine[name], theirs[name], err_msg=name)
     if quant == "int4":
         assert any(n.endswith("_Q4") for n in _weights(streamed / "embed.onnx"))
+    else:                                       # --vision-quant int8: MatMulNBits in vision.onnx too
+        assert any(n.endswith("_Q8") for n in _weights(streamed / "vision.onnx"))
     a, b = open_onnx(streamed), open_onnx(tmp_path)
     segments = prompt_segments(a, a.encode_images(pixels[:1]))
     np.testing.assert_allclose(a.prefill(segments, all_logits=True), b.prefill(segments, all_logits=True),
@@ -110,4 +113,14 @@ def test_tied_lm_head_streams_the_embedding(tiny_7b, tmp_path):
     got = session.run(["logits"], {i.name: t.numpy() for i, t in zip(session.get_inputs(), example)})[0]
     with torch.no_grad():
         want = build_decoder(ckpt)(*example)[0].numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_torch_vision_route_still_matches(tiny_7b, onnx_7b, pixels, tmp_path):
+    """export_onnx(exporter="torchscript") keeps the torch.onnx vision route; its
+    image features equal the streamed vision graph's."""
+    from huatuo_lite.convert.onnx_export import export_onnx
+
+    export_onnx(tiny_7b, tmp_path, quant="fp32", exporter="torchscript")
+    got, want = open_onnx(tmp_path).encode_images(pixels), open_onnx(onnx_7b).encode_images(pixels)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
