@@ -57,7 +57,8 @@ class NoEos:
 def ask(model, image, question: str, new_tokens: int) -> dict:
     answer = model.ask(image, question, temperature=0, max_new_tokens=new_tokens)
     row = {key: answer.timings[key] for key in TIMING_KEYS}
-    row.update(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
+    row.update(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+               token_ids=answer.token_ids)
     return row
 
 

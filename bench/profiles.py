@@ -8,8 +8,11 @@ its converter, so a folder with a manifest is complete).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from huatuo_lite.errors import HuatuoError
@@ -29,7 +32,8 @@ class Profile:
     new_tokens: int = 64             # decoded per question
     gguf_quants: tuple = GGUF_QUANTS
     onnx_quants: tuple = ONNX_QUANTS
-    extra: dict = field(default_factory=dict)
+    skip_by_default: tuple = ()      # rows run only when named with --only
+    onnx_direct: bool = False        # export each ONNX quant from the checkpoint (no fp32 copy on disk)
 
 
 PROFILES = {p.name: p for p in (
@@ -42,8 +46,10 @@ PROFILES = {p.name: p for p in (
     # Qwen2-7B: hidden 3584, 28 heads of 128, 4 KV heads, SwiGLU 18944, 28 layers, 152064 rows.
     Profile("7b", dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                        num_kv_heads=4, vocab_rows=152064, num_shards=4, **CLIP_L_336),
-            "Qwen2-7B-shaped decoder + CLIP ViT-L/14-336 (manual: ~16 GB of bf16 checkpoint, "
-            "tens of GB of converted files, hours on two cores)"),
+            "Qwen2-7B-shaped decoder + CLIP ViT-L/14-336 (manual: a 16 GB bf16 checkpoint, ~50 GB of "
+            "converted files, hours on two cores)",
+            # fp32 torch needs ~31 GB of RAM and ONNX fp32 another 30 GB of disk: only on request.
+            skip_by_default=("torch fp32", "onnx fp32"), onnx_direct=True),
 )}
 
 
@@ -68,46 +74,59 @@ def all_labels(profile: Profile) -> list[str]:
             + [f"onnx {q}" for q in profile.onnx_quants])
 
 
+def default_labels(profile: Profile) -> list[str]:
+    return [label for label in all_labels(profile) if label not in profile.skip_by_default]
+
+
 def _done(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
 
 
-def _timed(log: dict, key: str, make) -> None:
+# converter name -> "module:function"; each build runs in its own process (its peak RSS is its own)
+CONVERTERS = {"make_tiny": "huatuo_lite.convert.tiny:make_tiny",
+              "export_gguf": "huatuo_lite.convert.gguf_export:export_gguf",
+              "export_onnx": "huatuo_lite.convert.onnx_export:export_onnx",
+              "quantize_onnx": "huatuo_lite.convert.onnx_export:quantize_onnx"}
+
+
+def build(log: dict, key: str, converter: str, *args, **kwargs) -> None:
+    """Run one converter in a child process; log[key] = {seconds, peak_rss_mb}."""
+    spec = json.dumps({"converter": converter, "args": [str(a) for a in args], "kwargs": kwargs})
     t0 = time.perf_counter()
-    make()
-    log[key] = round(time.perf_counter() - t0, 2)
-    print(f"  built {key} in {log[key]:.1f} s", flush=True)
+    done = subprocess.run([sys.executable, __file__, spec], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-4:])
+        raise HuatuoError(f"Building {key} failed ({converter}); its last lines say:\n{tail}")
+    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    log[key] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak)}
+    print(f"  built {key} in {log[key]['seconds']:.1f} s, peak RSS {peak:.0f} MB", flush=True)
 
 
 def prepare(profile: Profile, work: Path, labels: list[str], threads: int) -> tuple[list[Target], dict]:
     """Build (or reuse) the checkpoint and the converted folders the chosen rows need.
-    Returns the targets in table order and {what: seconds} for what was built now."""
-    from huatuo_lite.convert.gguf_export import export_gguf
-    from huatuo_lite.convert.onnx_export import export_onnx, quantize_onnx
-    from huatuo_lite.convert.tiny import make_tiny
-
+    Returns the targets in table order and {what: {seconds, peak_rss_mb}} for what was built now."""
     root, built = Path(work) / profile.name, {}
     ckpt = root / "ckpt"
     if not (ckpt / "config.json").is_file():
-        _timed(built, "checkpoint", lambda: make_tiny(ckpt, variant="7b", seed=0, **profile.sizes))
+        build(built, "checkpoint", "make_tiny", ckpt, variant="7b", seed=0, **profile.sizes)
     targets = []
     for label in labels:
         kind, quant = label.split()
+        folder = root / f"{kind}-{quant}"
         if kind == "torch":
             targets.append(Target(label, "torch", ckpt))
-        elif kind == "gguf":
-            folder = root / f"gguf-{quant}"
-            if not _done(folder):
-                _timed(built, label, lambda: export_gguf(ckpt, folder, quant=quant, threads=threads))
-            targets.append(Target(label, "gguf", folder, quant))
-        else:
-            fp32 = root / "onnx-fp32"
-            if not _done(fp32):
-                _timed(built, "onnx fp32", lambda: export_onnx(ckpt, fp32, quant="fp32"))
-            folder = root / f"onnx-{quant}"
-            if not _done(folder):
-                _timed(built, label, lambda: quantize_onnx(fp32, folder, quant=quant))
-            targets.append(Target(label, "onnx", folder))
+            continue
+        if kind == "gguf" and not _done(folder):
+            build(built, label, "export_gguf", ckpt, folder, quant=quant, threads=threads)
+        elif kind == "onnx" and not _done(folder):
+            if profile.onnx_direct or quant == "fp32":
+                build(built, label, "export_onnx", ckpt, folder, quant=quant)
+            else:                      # one fp32 export serves every quant
+                fp32 = root / "onnx-fp32"
+                if not _done(fp32):
+                    build(built, "onnx fp32", "export_onnx", ckpt, fp32, quant="fp32")
+                build(built, label, "quantize_onnx", fp32, folder, quant=quant)
+        targets.append(Target(label, kind, folder, quant if kind == "gguf" else None))
     return targets, built
 
 
@@ -117,3 +136,18 @@ def text_gguf(folder: Path) -> Path:
 
     files = read_manifest(folder)["files"]
     return folder / next(name for name, entry in files.items() if entry["role"] == "text")
+
+
+def _child(spec: dict) -> None:
+    """Entry of a build process: run the converter, print {"peak_rss_mb": VmHWM}."""
+    import importlib
+
+    from measure import peak_rss_mb
+
+    module, function = CONVERTERS[spec["converter"]].split(":")
+    getattr(importlib.import_module(module), function)(*spec["args"], **spec["kwargs"])
+    sys.stdout.write("\n" + json.dumps({"peak_rss_mb": peak_rss_mb()}) + "\n")
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))

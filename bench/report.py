@@ -37,6 +37,7 @@ def summarize(measured: dict) -> dict:
         b["time_to_first_token_s"] / a["time_to_first_token_s"] for a, b in zip(first, follow))
     row["follow_up_reused_positions"] = follow[-1].get("reused_positions")
     row["completion_tokens"] = first[-1]["completion_tokens"]
+    row["token_ids"] = first[0]["token_ids"]          # greedy answer to the first image (agreement check)
     row.update(load_s=measured["load_s"], peak_rss_mb=measured["peak_rss_mb"], repeats=len(first))
     return row
 
@@ -47,6 +48,17 @@ def add_roofline(row: dict, bytes_per_token: int, read_gbs: float) -> None:
     row["roofline_tokens_per_s"] = read_gbs * 1e9 / bytes_per_token
     if row.get("decode_tokens_per_s"):
         row["roofline_fraction"] = row["decode_tokens_per_s"] / row["roofline_tokens_per_s"]
+
+
+def add_agreement(rows: list[dict]) -> None:
+    """greedy_same_as_torch: how many leading greedy tokens equal the torch fp32 reference's
+    (random weights make near-ties common, so this is a coarse check, not a fidelity figure)."""
+    reference = next((row["token_ids"] for row in rows if row["label"] == "torch fp32"), None)
+    for row in rows:
+        if reference is not None and "token_ids" in row:
+            pairs = zip(row["token_ids"], reference)
+            row["greedy_same_as_torch"] = next((i for i, (a, b) in enumerate(pairs) if a != b),
+                                               min(len(reference), len(row["token_ids"])))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -84,6 +96,8 @@ def comparisons(rows: list[dict]) -> list[str]:
             text = f"{row['label']} vs torch fp32: decode {speed:.2f}x"
             text += f", first-token {ttft:.2f}x faster" if ttft else ""
             text += f", peak RSS {memory:.2f}x" if memory else ""
+            if row.get("greedy_same_as_torch") is not None:
+                text += f", greedy tokens equal to torch's: first {row['greedy_same_as_torch']}"
             lines.append(text)
     return lines
 
@@ -99,5 +113,7 @@ def render(result: dict) -> str:
             f"copy {bw['copy_gbs']:.1f} GB/s; roofline = read bandwidth / text weight bytes per token",
             ""]
     tail = [""] + [f"- {line}" for line in comparisons(result["rows"])]
+    tail += [f"- built {what} in {b['seconds']:.0f} s, peak RSS {b['peak_rss_mb']} MB"
+             for what, b in result.get("built_s", {}).items()]
     tail += [f"- note: {note}" for note in result["notes"]]
     return "\n".join(head) + markdown_table(result["rows"]) + "\n" + "\n".join(tail)

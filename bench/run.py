@@ -119,7 +119,7 @@ def stock_targets_rows(targets, args, images, read_gbs: float) -> tuple[list[dic
 def chosen_labels(profile, only: list[str] | None) -> list[str]:
     labels = profiles.all_labels(profile)
     if not only:
-        return labels
+        return profiles.default_labels(profile)
     unknown = [label for label in only if label not in labels]
     if unknown:
         raise SystemExit(f"Unknown row {unknown[0]!r}: choose from {', '.join(labels)}.")
@@ -151,6 +151,7 @@ def benchmark(args) -> dict:
     images = write_images(Path(args.work) / "images", args.repeat)
     rows, notes = measure_targets(targets, args, images, bandwidth["read_gbs"])
     more_rows, more_notes = stock_targets_rows(targets, args, images, bandwidth["read_gbs"])
+    report.add_agreement(rows)
     return {"profile": profile.name, "about": profile.about, "sizes": profile.sizes, "threads": args.threads,
             "repeat": args.repeat, "new_tokens": args.new_tokens, "load_average": load_average,
             "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
