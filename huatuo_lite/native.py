@@ -24,6 +24,8 @@ BUILD_BIN = Path("build") / "bin"
 BUILD_HINT = ("build them with `cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2` "
               f"in the huatuo-lite source folder, or set {BIN_ENV} to a folder holding them")
 ERROR_TAIL_LINES = 6                    # of the tool's output, quoted in the error
+CLI_DONE_MARK = "llama_perf_context_print:"   # logged by llama-mtmd-cli -v after the answer
+CLI_ATTEMPTS = 5
 
 
 def candidate_dirs() -> list[Path]:
@@ -70,18 +72,19 @@ def lib_env(lib_dir: Path | str, base: dict | None = None) -> dict:
 
 def run_tool(name: str, args: Sequence, timeout: float | None = None, env: dict | None = None,
              tool: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a tool to completion and return it (stdout and stderr captured as text)."""
+    """Run a tool to completion and return it (stdout as bytes: generated text may end
+    mid-character; stderr as text)."""
     exe = tool or find_tool(name)
     command = [str(exe), *map(str, args)]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, errors="replace",
-                              timeout=timeout, env=env, check=False)
+        done = subprocess.run(command, capture_output=True, timeout=timeout, env=env, check=False)
+        done.stderr = done.stderr.decode("utf-8", errors="replace")
     except subprocess.TimeoutExpired:
         raise HuatuoError(f"{name} did not finish within {timeout:.0f} s; give it more time or a smaller input.") from None
     except OSError as exc:
         raise HuatuoError(f"{name} ({exe}) could not start ({exc.strerror}); rebuild it: {BUILD_HINT}.") from None
     if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-ERROR_TAIL_LINES:])
+        tail = "\n".join(done.stderr.strip().splitlines()[-ERROR_TAIL_LINES:])
         raise HuatuoError(f"{name} failed with exit code {done.returncode}; its last lines say:\n{tail}")
     return done
 
@@ -97,3 +100,45 @@ def tool_version(name: str) -> str | None:
         return None
     lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.startswith("version")]
     return lines[0] if lines else None
+
+
+def stock_mtmd_env(folder: Path | str, base: dict | None = None) -> dict:
+    """An environment in which a built tool runs with llama-cpp-python's own (stock, unfixed)
+    libmtmd: `folder` gets links to it and goes first on LD_LIBRARY_PATH (same llama.cpp
+    version, same ABI; only the image graph differs). For comparisons, Linux only."""
+    import llama_cpp   # noqa: PLC0415 - only where a comparison is asked for
+
+    stock = Path(llama_cpp.__file__).parent / "lib"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for lib in stock.glob("libmtmd.so*"):
+        link = folder / lib.name
+        if not link.exists():
+            link.symlink_to(lib)
+    env = dict(os.environ if base is None else base)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(folder), env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def mtmd_cli_answer(text_gguf: Path, mmproj: Path, images: Sequence, question: str, n_predict: int,
+                    threads: int = 1, env: dict | None = None, timeout: float | None = 600,
+                    extra_args: Sequence = ()) -> bytes:
+    """llama-mtmd-cli's greedy answer (raw bytes, stripped), prompted with the GGUF's embedded
+    chat template (--jinja); each image's marker + newline stands where upstream writes
+    "<image>\\n"."""
+    from .convert.gguf_text import MTMD_MARKER   # the template knows it too
+    from .family import IMAGE_LINE, IMAGE_PLACEHOLDER
+
+    prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) * len(images) + question
+    args = ["-m", text_gguf, "--mmproj", mmproj, "-p", prompt, "--temp", "0", "-n", n_predict,
+            "-t", threads, "--jinja", "--no-warmup", "-c", 4096, "--seed", 0, *extra_args]
+    for image in images:
+        args += ["--image", image]
+    # llama-mtmd-cli prints through llama.cpp's asynchronous logger, which it never flushes at
+    # exit (llama.cpp issue 22142): under load the answer's tail can be lost. With -v it logs
+    # a timing line after the answer, so its presence proves the answer came out whole.
+    for _ in range(CLI_ATTEMPTS):
+        done = run_tool("llama-mtmd-cli", [*args, "-v"], timeout=timeout, env=env)
+        if CLI_DONE_MARK in done.stderr:
+            return done.stdout.strip()
+    raise HuatuoError(f"llama-mtmd-cli lost its output {CLI_ATTEMPTS} times in a row; run it again on a less loaded machine.")

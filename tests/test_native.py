@@ -1,0 +1,197 @@
+"""The native llama.cpp tools built by CMakeLists.txt: our GGUFs in stock llama-mtmd-cli,
+the LLaVA class-token fix, and importance-matrix quantization.
+
+The tests that run the tools are skipped where the tools are not built. CI does not build them: the CMake build of
+llama.cpp takes ~15 min (2 cores) or far more on a loaded runner, too much of the CI
+budget for one module; run `cmake -S . -B build -DCMAKE_BUILD_TYPE=Release &&
+cmake --build build -j 2` and these tests run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from huatuo_lite.native import find_tool, lib_env, mtmd_cli_answer, native_lib_dir, stock_mtmd_env
+
+SKIP_REASON = ("llama.cpp's native tools are not built (no build/bin/llama-mtmd-cli): CI skips these "
+               "tests because the CMake build of llama.cpp takes ~15 min on 2 cores; build with "
+               "`cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2`")
+TOOLS_BUILT = find_tool("llama-mtmd-cli", required=False) is not None and native_lib_dir() is not None
+requires_tools = pytest.mark.skipif(not TOOLS_BUILT, reason=SKIP_REASON)
+
+from fixtures_gguf import *  # noqa: E402,F401,F403
+from fixtures_gguf import QUESTIONS  # noqa: E402
+
+from huatuo_lite.family import GenerationConfig  # noqa: E402
+from huatuo_lite.manifest import read_manifest  # noqa: E402
+
+N_PREDICT = 16
+# Greedy with upstream's repetition penalty (llama.cpp's penalty is HF's formula): without it a
+# random tiny model repeats one token whatever the image, and the comparison would prove nothing.
+GREEDY = GenerationConfig(temperature=0.0, repetition_penalty=1.2, max_new_tokens=N_PREDICT)
+CLI_TIMEOUT_S = 300
+
+
+def _files(folder: Path) -> dict:
+    """role -> path of a converted folder's files."""
+    files = read_manifest(folder)["files"]
+    return {entry["role"]: folder / name for name, entry in files.items()}
+
+
+@pytest.fixture(scope="module")
+def square_images(tmp_path_factory):
+    """Two 336x336 RGB images: libmtmd's own resize/pad leaves them unchanged (see gguf-contract.md)."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("native-img")
+    paths = []
+    for seed in (7, 8):
+        rgb = np.random.default_rng(seed).integers(0, 256, (336, 336, 3), dtype=np.uint8)
+        Image.fromarray(rgb, "RGB").save(folder / f"scan{seed}.png")
+        paths.append(folder / f"scan{seed}.png")
+    return paths
+
+
+def cli_answer(folder: Path, image: Path, question: str, env: dict | None = None) -> bytes:
+    files = _files(folder)
+    return mtmd_cli_answer(files["text"], files["mmproj"], [image], question, N_PREDICT, env=env,
+                           extra_args=["--repeat-penalty", GREEDY.repetition_penalty])
+
+
+def backend_answer(folder: Path, image: Path, question: str) -> bytes:
+    """The GGUF backend's greedy answer as the bytes of its tokens (a random model's
+    tokens may split characters, so bytes, not text, are compared)."""
+    from huatuo_lite.generate import run
+
+    engine = open_gguf(folder)  # noqa: F405
+    try:
+        generation = run(engine, [str(image)], question, config=GREEDY)
+        for _ in generation:
+            pass
+        return b"".join(engine.token_bytes(t) for t in generation.answer.token_ids).strip()
+    finally:
+        engine.close()
+
+
+def test_patch_matches_the_source_it_fixes():
+    """The patch swaps the operands of the one class-embedding concat, nothing else."""
+    patch = (Path(__file__).parent.parent / "native" / "llava-class-token-order.patch").read_text()
+    removed = [line for line in patch.splitlines() if line.startswith("-") and not line.startswith("---")]
+    added = [line for line in patch.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    code = lambda lines: [x for x in lines if not x[1:].strip().startswith("//")]  # noqa: E731
+    assert code(removed) == ["-        inp = ggml_concat(ctx0, inp, model.class_embedding, 1);"]
+    assert code(added) == ["+        inp = ggml_concat(ctx0, model.class_embedding, inp, 1);"]
+
+
+@requires_tools
+def test_mtmd_cli_answers_like_our_backend(gguf_7b_f32, square_images, tmp_path):
+    """Built (fixed) llama-mtmd-cli on our text GGUF + mmproj gives our GGUF backend's greedy
+    answer, byte for byte, for two images whose answers differ (so the image matters).
+    Stock libmtmd's answers are printed: on this random tiny model they happen to match
+    (its features are wrong, see the self-test below, but not enough to flip a token);
+    native/stock_drift.py measures the drift on the trained demo model."""
+    question = QUESTIONS[0]
+    ours = [backend_answer(gguf_7b_f32, image, question) for image in square_images]
+    fixed = [cli_answer(gguf_7b_f32, image, question) for image in square_images]
+    stock_env = stock_mtmd_env(tmp_path / "stock")
+    stock = [cli_answer(gguf_7b_f32, image, question, env=stock_env) for image in square_images]
+    print({"ours": ours, "fixed_cli": fixed, "stock_cli": stock})
+    assert all(len(a) > 0 for a in ours) and ours[0] != ours[1]
+    assert fixed == ours
+
+
+def _self_test_in_subprocess(folder: Path, env: dict) -> dict:
+    files = _files(folder)
+    code = ("import json,sys; from huatuo_lite.backends.gguf_mtmd import mtmd_self_test; "
+            "print(json.dumps(mtmd_self_test(*sys.argv[1:4], threads=1)))")
+    done = subprocess.run([sys.executable, "-c", code, str(files["text"]), str(files["mmproj"]),
+                           str(files["vision"])], capture_output=True, text=True, env=env, timeout=CLI_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@requires_tools
+def test_fixed_libmtmd_passes_the_self_test_stock_fails(gguf_7b_f32):
+    """llama-cpp-python pointed at the built libraries (LLAMA_CPP_LIB_PATH, MTMD_CPP_LIB)
+    computes image features like vision.onnx; its own stock libmtmd does not."""
+    fixed = _self_test_in_subprocess(gguf_7b_f32, lib_env(native_lib_dir()))
+    stock_env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "MTMD_CPP_LIB")}
+    stock = _self_test_in_subprocess(gguf_7b_f32, stock_env)
+    print(json.dumps({"fixed": fixed, "stock": stock}))
+    assert fixed["passed"] and fixed["min_cosine"] > 0.999
+    assert not stock["passed"] and stock["min_cosine"] < 0.99
+
+
+# ------------------------------------------------------------- imatrix ----
+def calibration_records(n: int = 80) -> list[dict]:
+    """Eval-format and PubMedVision-format question/answer records (text only)."""
+    from huatuo_lite.convert.synth_text import ANSWER_TEXT, KIND_OPTIONS, QUESTIONS
+
+    records = []
+    for i in range(n):
+        kind = list(QUESTIONS)[i % len(QUESTIONS)]
+        lang = ("en", "zh")[i % 2]
+        question = QUESTIONS[kind][lang][i % len(QUESTIONS[kind][lang])]
+        options = [ANSWER_TEXT[lang][k] for k in KIND_OPTIONS[kind]]
+        answer = options[i % len(options)]
+        if i % 3:
+            records.append({"question": question, "options": options, "answer": answer})
+        else:
+            records.append({"image": ["images/x.png"], "conversations": [
+                {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def calibration_json(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.json"
+    path.write_text(json.dumps(calibration_records(), ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@requires_tools
+def test_convert_gguf_with_imatrix(tiny_7b, calibration_json, tmp_path):
+    """`convert gguf --imatrix` quantizes with an importance matrix, records it in the
+    manifest, and gives a different (imatrix-weighted) Q4_K_M than the plain one."""
+    from click.testing import CliRunner
+
+    from huatuo_lite.cli import cli
+
+    imat, plain = tmp_path / "imat", tmp_path / "plain"
+    result = CliRunner().invoke(cli, ["convert", "gguf", str(tiny_7b), str(imat), "--quant", "Q4_K_M",
+                                      "--imatrix", str(calibration_json)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    from huatuo_lite.convert.gguf_export import export_gguf
+
+    export_gguf(tiny_7b, plain, quant="Q4_K_M", vision_onnx=False, threads=1)
+    (text_name, entry), = [(n, e) for n, e in read_manifest(imat)["files"].items() if e["role"] == "text"]
+    record = entry["imatrix"]
+    assert record["calibration"] == "calib.json" and record["records"] == 80
+    assert record["chunks"] >= 2 and record["entries"] > 0 and "commit" in record["llama_cpp"]
+    plain_entry = [e for e in read_manifest(plain)["files"].values() if e["role"] == "text"][0]
+    assert entry["sha256"] != plain_entry["sha256"]
+    assert not list(imat.glob(".*")), "temporary files left behind"
+
+
+def test_imatrix_refused_for_direct_types(tiny_7b, calibration_json, tmp_path):
+    from huatuo_lite.convert.gguf_export import export_gguf
+    from huatuo_lite.errors import HuatuoError
+
+    with pytest.raises(HuatuoError, match="--imatrix"):
+        export_gguf(tiny_7b, tmp_path / "x", quant="Q8_0", imatrix=calibration_json)
+
+
+def test_calibration_without_records_is_one_sentence(tmp_path):
+    from huatuo_lite.convert.imatrix import calibration_text
+    from huatuo_lite.errors import HuatuoError
+
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(HuatuoError, match="no question/answer records"):
+        calibration_text(path)
