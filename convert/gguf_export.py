@@ -55,24 +55,31 @@ def model_name(ckpt) -> str:
 
 
 def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
-                vision_onnx: bool = True, allow_pickle: bool = False, threads: int | None = None) -> Path:
+                vision_onnx: bool = True, allow_pickle: bool = False, threads: int | None = None,
+                imatrix=None) -> Path:
     """Convert `src` into `out_dir`; returns the path of the text GGUF. `threads`: for
-    llama.cpp's quantizer and the libmtmd self-test (default: all cores / 1)."""
+    llama.cpp's quantizer and the libmtmd self-test (default: all cores / 1). `imatrix`: a
+    calibration JSON; the quant then uses an importance matrix (convert/imatrix.py, needs
+    the native tools)."""
     if quant not in DIRECT_TYPES and quant not in LLAMA_QUANTS:
         raise HuatuoError(f"Unknown quant {quant!r}: choose one of {', '.join([*DIRECT_TYPES, *LLAMA_QUANTS])}.")
     if mmproj_type not in MMPROJ_TYPES:
         raise HuatuoError(f"Unknown mmproj type {mmproj_type!r}: choose one of {', '.join(MMPROJ_TYPES)}.")
+    if imatrix is not None and quant not in LLAMA_QUANTS:
+        raise HuatuoError("An importance matrix only helps llama.cpp's quants: "
+                          f"use --imatrix with {', '.join(LLAMA_QUANTS)}.")
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
     name = model_name(ckpt)
     text_file, mmproj_file = f"{name}-{quant}.gguf", f"mmproj-{name}-{mmproj_type}.gguf"
     files, self_test = _earlier_conversion(out_dir, ckpt)
     with staging_dir(out_dir) as stage:
-        _write_text(ckpt, stage, text_file, quant, name, threads or 0)
+        imatrix_record = _write_text(ckpt, stage, text_file, quant, name, threads or 0, imatrix)
         write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], name)
         vision_files = _write_vision(ckpt, stage) if vision_onnx else []
         if vision_onnx:
             self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX, threads or 1)
-        files.update({text_file: file_entry(stage / text_file, "text", quant=quant),
+        extra = {"imatrix": imatrix_record} if imatrix_record else {}
+        files.update({text_file: file_entry(stage / text_file, "text", quant=quant, **extra),
                       mmproj_file: file_entry(stage / mmproj_file, "mmproj", quant=mmproj_type)})
         files.update({p.name: file_entry(p, "vision" if p.name == VISION_ONNX else "data") for p in vision_files})
         write_manifest(stage, _manifest(ckpt, name, files, self_test))
@@ -95,15 +102,22 @@ def _earlier_conversion(out_dir, ckpt) -> tuple[dict, dict | None]:
     return kept, old.get("mtmd_self_test")
 
 
-def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str, threads: int) -> None:
+def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str, threads: int,
+                imatrix=None) -> dict | None:
+    """Write the text GGUF; returns the imatrix record when one was used."""
     if quant in DIRECT_TYPES:
         write_text_gguf(ckpt, stage / text_file, *DIRECT_TYPES[quant], name)
-        return
+        return None
     inter = INTERMEDIATE.get(_stored_dtype(ckpt), "F32")
     tmp = stage / f".{name}-{inter}.intermediate"
     write_text_gguf(ckpt, tmp, *DIRECT_TYPES[inter], name)
     try:
+        if imatrix is not None:
+            from .imatrix import quantize_with_imatrix
+
+            return quantize_with_imatrix(tmp, stage / text_file, quant, imatrix, threads)
         llama_quantize(tmp, stage / text_file, quant, threads)
+        return None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -48,15 +48,19 @@ def convert_tiny(out_dir, variant, seed):
               type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]))
 @click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(["F16", "Q8_0"]))
 @click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
-def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle):
+@click.option("--imatrix", "calibration", type=click.Path(dir_okay=False, exists=True), default=None,
+              metavar="CALIB.json", help="Quantize with an importance matrix computed on these question/answer "
+              "records (PubMedVision or eval format); needs the native tools (CMakeLists.txt).")
+def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration):
     """Convert an upstream folder to a GGUF text model + mmproj (+ vision.onnx).
 
     \b
     Example:
       huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M
+      huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M --imatrix calib.json
     """
     out = convert_module("gguf_export").export_gguf(src, out_dir, quant=quant, mmproj_type=mmproj_type,
-                                                     allow_pickle=allow_pickle)
+                                                     allow_pickle=allow_pickle, imatrix=calibration)
     click.echo(str(out))
 
 
