@@ -67,17 +67,31 @@ def lib_env(lib_dir: Path | str, base: dict | None = None) -> dict:
     (llama_cpp reads LLAMA_CPP_LIB_PATH, llama_cpp.mtmd_cpp reads MTMD_CPP_LIB)."""
     env = dict(os.environ if base is None else base)
     env["LLAMA_CPP_LIB_PATH"] = env["MTMD_CPP_LIB"] = str(lib_dir)
+    # their own dependencies (libggml*) from there too, not from a folder already on the path
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib_dir), env.get("LD_LIBRARY_PATH")]))
+    return env
+
+
+def tool_env(exe: Path, base: dict | None = None, libs_first: Sequence = ()) -> dict:
+    """The environment a tool runs in: its own folder's libraries first on LD_LIBRARY_PATH.
+    Needed because importing llama_cpp puts llama-cpp-python's library folder on
+    LD_LIBRARY_PATH of this process (and so of its children), which would otherwise win
+    over the tool's RUNPATH. `libs_first`: folders to put before even those."""
+    env = dict(os.environ if base is None else base)
+    folders = [*map(str, libs_first), str(Path(exe).resolve().parent), env.get("LD_LIBRARY_PATH")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, folders))
     return env
 
 
 def run_tool(name: str, args: Sequence, timeout: float | None = None, env: dict | None = None,
-             tool: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a tool to completion and return it (stdout as bytes: generated text may end
-    mid-character; stderr as text)."""
+             tool: Path | None = None, libs_first: Sequence = ()) -> subprocess.CompletedProcess:
+    """Run a tool to completion with its own libraries (see tool_env) and return it
+    (stdout as bytes: generated text may end mid-character; stderr as text)."""
     exe = tool or find_tool(name)
     command = [str(exe), *map(str, args)]
     try:
-        done = subprocess.run(command, capture_output=True, timeout=timeout, env=env, check=False)
+        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False,
+                              env=tool_env(exe, env, libs_first))
         done.stderr = done.stderr.decode("utf-8", errors="replace")
     except subprocess.TimeoutExpired:
         raise HuatuoError(f"{name} did not finish within {timeout:.0f} s; give it more time or a smaller input.") from None
@@ -102,10 +116,10 @@ def tool_version(name: str) -> str | None:
     return lines[0] if lines else None
 
 
-def stock_mtmd_env(folder: Path | str, base: dict | None = None) -> dict:
-    """An environment in which a built tool runs with llama-cpp-python's own (stock, unfixed)
-    libmtmd: `folder` gets links to it and goes first on LD_LIBRARY_PATH (same llama.cpp
-    version, same ABI; only the image graph differs). For comparisons, Linux only."""
+def stock_mtmd_dir(folder: Path | str) -> Path:
+    """`folder` with links to llama-cpp-python's own (stock, unfixed) libmtmd: given as
+    mtmd_cli_answer(libmtmd_dir=...), a built tool runs with it (same llama.cpp version,
+    same ABI; only the image graph differs). For comparisons; Linux."""
     import llama_cpp   # noqa: PLC0415 - only where a comparison is asked for
 
     stock = Path(llama_cpp.__file__).parent / "lib"
@@ -115,17 +129,15 @@ def stock_mtmd_env(folder: Path | str, base: dict | None = None) -> dict:
         link = folder / lib.name
         if not link.exists():
             link.symlink_to(lib)
-    env = dict(os.environ if base is None else base)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(folder), env.get("LD_LIBRARY_PATH")]))
-    return env
+    return folder
 
 
 def mtmd_cli_answer(text_gguf: Path, mmproj: Path, images: Sequence, question: str, n_predict: int,
-                    threads: int = 1, env: dict | None = None, timeout: float | None = 600,
+                    threads: int = 1, libmtmd_dir: Path | None = None, timeout: float | None = 600,
                     extra_args: Sequence = ()) -> bytes:
     """llama-mtmd-cli's greedy answer (raw bytes, stripped), prompted with the GGUF's embedded
     chat template (--jinja); each image's marker + newline stands where upstream writes
-    "<image>\\n"."""
+    "<image>\\n". `libmtmd_dir`: a folder whose libmtmd replaces the built one."""
     from .convert.gguf_text import MTMD_MARKER   # the template knows it too
     from .family import IMAGE_LINE, IMAGE_PLACEHOLDER
 
@@ -138,7 +150,9 @@ def mtmd_cli_answer(text_gguf: Path, mmproj: Path, images: Sequence, question: s
     # exit (llama.cpp issue 22142): under load the answer's tail can be lost. With -v it logs
     # a timing line after the answer, so its presence proves the answer came out whole.
     for _ in range(CLI_ATTEMPTS):
-        done = run_tool("llama-mtmd-cli", [*args, "-v"], timeout=timeout, env=env)
+        done = run_tool("llama-mtmd-cli", [*args, "-v"], timeout=timeout,
+                        libs_first=[libmtmd_dir] if libmtmd_dir else [])
         if CLI_DONE_MARK in done.stderr:
             return done.stdout.strip()
-    raise HuatuoError(f"llama-mtmd-cli lost its output {CLI_ATTEMPTS} times in a row; run it again on a less loaded machine.")
+    raise HuatuoError(f"llama-mtmd-cli lost its output {CLI_ATTEMPTS} times in a row; "
+                      "run it again on a less loaded machine.")

@@ -4,7 +4,7 @@
 
 For every eval item (upstream eval format): the answer of the GGUF backend, of the
 built llama-mtmd-cli (LLaVA class-token fix applied) and of the same tool with
-llama-cpp-python's stock libmtmd (huatuo_lite.native.stock_mtmd_env), all greedy on
+llama-cpp-python's stock libmtmd (huatuo_lite.native.stock_mtmd_dir), all greedy on
 the same 336x336 pixels (image.py's preprocessing saved as PNG, so libmtmd's own
 resize/pad is the identity). Prints accuracy per engine and agreement with ours.
 """
@@ -50,21 +50,21 @@ def main(argv=None) -> None:
     from huatuo_lite.backends import load_backend
     from huatuo_lite.evaluate import load_items, score
     from huatuo_lite.manifest import read_manifest
-    from huatuo_lite.native import mtmd_cli_answer, stock_mtmd_env
+    from huatuo_lite.native import mtmd_cli_answer, stock_mtmd_dir
 
     roles = {e["role"]: args.gguf_dir / n for n, e in read_manifest(args.gguf_dir)["files"].items()}
     items, _ = load_items(args.eval_json, args.limit)
     engine = load_backend("gguf").open_engine(args.gguf_dir, threads=1)
     work = Path(tempfile.mkdtemp(prefix="stock-drift-"))
-    stock_env = stock_mtmd_env(work / "stock-lib")
+    stock_dir = stock_mtmd_dir(work / "stock-lib")
     answers = {"ours": [], "fixed_cli": [], "stock_cli": []}
     for item in items:
         images = [preprocessed_png(p, work / f"{item.index}-{i}.png") for i, p in enumerate(item.images)]
-        cli = lambda env=None: mtmd_cli_answer(roles["text"], roles["mmproj"], images, item.prompt,  # noqa: E731
-                                               args.n_predict, env=env)
+        cli = lambda lib=None: mtmd_cli_answer(roles["text"], roles["mmproj"], images, item.prompt,  # noqa: E731
+                                               args.n_predict, libmtmd_dir=lib)
         answers["ours"].append(backend_answer(engine, images, item.prompt, args.n_predict))
         answers["fixed_cli"].append(cli())
-        answers["stock_cli"].append(cli(stock_env))
+        answers["stock_cli"].append(cli(stock_dir))
     engine.close()
     letters = {k: [score(item, a.decode("utf-8", "replace"))["letter"] for item, a in zip(items, v)]
                for k, v in answers.items()}

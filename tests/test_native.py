@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from huatuo_lite.native import find_tool, lib_env, mtmd_cli_answer, native_lib_dir, stock_mtmd_env
+from huatuo_lite.native import find_tool, lib_env, mtmd_cli_answer, native_lib_dir, stock_mtmd_dir
 
 SKIP_REASON = ("llama.cpp's native tools are not built (no build/bin/llama-mtmd-cli): CI skips these "
                "tests because the CMake build of llama.cpp takes ~15 min on 2 cores; build with "
@@ -58,9 +58,9 @@ def square_images(tmp_path_factory):
     return paths
 
 
-def cli_answer(folder: Path, image: Path, question: str, env: dict | None = None) -> bytes:
+def cli_answer(folder: Path, image: Path, question: str, libmtmd_dir: Path | None = None) -> bytes:
     files = _files(folder)
-    return mtmd_cli_answer(files["text"], files["mmproj"], [image], question, N_PREDICT, env=env,
+    return mtmd_cli_answer(files["text"], files["mmproj"], [image], question, N_PREDICT, libmtmd_dir=libmtmd_dir,
                            extra_args=["--repeat-penalty", GREEDY.repetition_penalty])
 
 
@@ -99,8 +99,8 @@ def test_mtmd_cli_answers_like_our_backend(gguf_7b_f32, square_images, tmp_path)
     question = QUESTIONS[0]
     ours = [backend_answer(gguf_7b_f32, image, question) for image in square_images]
     fixed = [cli_answer(gguf_7b_f32, image, question) for image in square_images]
-    stock_env = stock_mtmd_env(tmp_path / "stock")
-    stock = [cli_answer(gguf_7b_f32, image, question, env=stock_env) for image in square_images]
+    stock_dir = stock_mtmd_dir(tmp_path / "stock")
+    stock = [cli_answer(gguf_7b_f32, image, question, libmtmd_dir=stock_dir) for image in square_images]
     print({"ours": ours, "fixed_cli": fixed, "stock_cli": stock})
     assert all(len(a) > 0 for a in ours) and ours[0] != ours[1]
     assert fixed == ours
