@@ -25,7 +25,7 @@ BUILD_HINT = ("build them with `cmake -S . -B build -DCMAKE_BUILD_TYPE=Release &
               f"in the huatuo-lite source folder, or set {BIN_ENV} to a folder holding them")
 ERROR_TAIL_LINES = 6                    # of the tool's output, quoted in the error
 CLI_DONE_MARK = "llama_perf_context_print:"   # logged by llama-mtmd-cli -v after the answer
-CLI_ATTEMPTS = 5
+CLI_ATTEMPTS = 10
 
 
 def candidate_dirs() -> list[Path]:
@@ -94,7 +94,8 @@ def run_tool(name: str, args: Sequence, timeout: float | None = None, env: dict 
                               env=tool_env(exe, env, libs_first))
         done.stderr = done.stderr.decode("utf-8", errors="replace")
     except subprocess.TimeoutExpired:
-        raise HuatuoError(f"{name} did not finish within {timeout:.0f} s; give it more time or a smaller input.") from None
+        raise HuatuoError(f"{name} did not finish within {timeout:.0f} s; "
+                          "give it more time or a smaller input.") from None
     except OSError as exc:
         raise HuatuoError(f"{name} ({exe}) could not start ({exc.strerror}); rebuild it: {BUILD_HINT}.") from None
     if done.returncode != 0:

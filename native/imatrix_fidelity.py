@@ -8,6 +8,9 @@ JSON, disjoint from the calibration records), teacher-forces prompt + the F32
 model's greedy continuation through every quant and reports the top-1 agreement and
 the mean KL(F32 || quant) of next-token distributions over all positions (text only:
 the imatrix is computed on text). Needs the native tools (CMakeLists.txt).
+With `--eval EVAL.json` it also converts complete folders (mmproj + vision.onnx) and
+runs the eval harness (huatuo_lite.fidelity.compare: accuracy, agreement and
+first-answer-token KL against the torch reference, with images) on every quant.
 One thread throughout; prints one JSON object per quant and a summary table.
 """
 from __future__ import annotations
@@ -22,12 +25,25 @@ import numpy as np
 CONTINUATION = 16      # greedy tokens of the F32 model appended to each prompt
 
 
-def convert(src: Path, out: Path, quant: str, imatrix: Path | None = None) -> Path:
+def convert(src: Path, out: Path, quant: str, imatrix: Path | None = None, vision: bool = False) -> Path:
     from huatuo_lite.convert.gguf_export import export_gguf
 
     if not out.is_dir():
-        export_gguf(src, out, quant=quant, vision_onnx=False, threads=1, imatrix=imatrix)
+        export_gguf(src, out, quant=quant, vision_onnx=vision, threads=1, imatrix=imatrix)
     return out
+
+
+def eval_rows(args) -> list[dict]:
+    """fidelity.compare on complete conversions: reference (torch), then each quant +- imatrix."""
+    from huatuo_lite.fidelity import Spec, compare
+
+    specs = [Spec("reference", "torch", None, args.model)]
+    for quant in args.quants:
+        for label, imatrix in (("plain", None), ("imatrix", args.calibration)):
+            folder = convert(args.model, args.out / f"full-{quant}-{label}", quant, imatrix, vision=True)
+            specs.append(Spec(f"gguf:{quant}{'+imatrix' if imatrix else ''}", "gguf", quant, folder))
+    return compare(specs, args.eval, args.out / "eval", limit=args.eval_limit, progress=False,
+                   temperature=0.0, max_new_tokens=4)
 
 
 def held_out_questions(path: Path, limit: int) -> list[str]:
@@ -76,6 +92,8 @@ def main(argv=None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--quants", nargs="+", default=["Q4_K_M", "Q4_0"])
     parser.add_argument("--limit", type=int, default=24, help="held-out questions")
+    parser.add_argument("--eval", type=Path, help="also run the eval harness on this eval-format JSON")
+    parser.add_argument("--eval-limit", type=int, default=None)
     args = parser.parse_args(argv)
 
     from huatuo_lite.backends import load_backend
@@ -97,7 +115,12 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
     print("| quant | imatrix | top-1 agreement | mean KL |\n|---|---|---|---|")
     for row in rows:
-        print(f"| {row['quant']} | {'yes' if row['imatrix'] else 'no'} | {row['top1_agreement']:.4f} | {row['mean_kl']:.3e} |")
+        imatrix = "yes" if row["imatrix"] else "no"
+        print(f"| {row['quant']} | {imatrix} | {row['top1_agreement']:.4f} | {row['mean_kl']:.3e} |")
+    if args.eval:
+        print("| model | accuracy | agreement | mean KL (first answer token) |\n|---|---|---|---|")
+        for row in eval_rows(args):
+            print(f"| {row['spec']} | {row['accuracy']:.4f} | {row['agreement']:.4f} | {row['mean_kl']:.3e} |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def backend_answer(engine, images, question: str, n_predict: int) -> bytes:
     return b"".join(engine.token_bytes(t) for t in generation.answer.token_ids).strip()
 
 
+def _cli_or_none(roles: dict, images, question: str, n_predict: int, libmtmd_dir) -> bytes | None:
+    """llama-mtmd-cli's answer, or None when it kept losing its output (llama.cpp's logger)."""
+    from huatuo_lite.errors import HuatuoError
+    from huatuo_lite.native import mtmd_cli_answer
+
+    try:
+        return mtmd_cli_answer(roles["text"], roles["mmproj"], images, question, n_predict, libmtmd_dir=libmtmd_dir)
+    except HuatuoError:
+        return None
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("gguf_dir", type=Path)
@@ -50,7 +61,7 @@ def main(argv=None) -> None:
     from huatuo_lite.backends import load_backend
     from huatuo_lite.evaluate import load_items, score
     from huatuo_lite.manifest import read_manifest
-    from huatuo_lite.native import mtmd_cli_answer, stock_mtmd_dir
+    from huatuo_lite.native import stock_mtmd_dir
 
     roles = {e["role"]: args.gguf_dir / n for n, e in read_manifest(args.gguf_dir)["files"].items()}
     items, _ = load_items(args.eval_json, args.limit)
@@ -60,15 +71,14 @@ def main(argv=None) -> None:
     answers = {"ours": [], "fixed_cli": [], "stock_cli": []}
     for item in items:
         images = [preprocessed_png(p, work / f"{item.index}-{i}.png") for i, p in enumerate(item.images)]
-        cli = lambda lib=None: mtmd_cli_answer(roles["text"], roles["mmproj"], images, item.prompt,  # noqa: E731
-                                               args.n_predict, libmtmd_dir=lib)
+        cli = lambda lib=None: _cli_or_none(roles, images, item.prompt, args.n_predict, lib)  # noqa: E731
         answers["ours"].append(backend_answer(engine, images, item.prompt, args.n_predict))
         answers["fixed_cli"].append(cli())
         answers["stock_cli"].append(cli(stock_dir))
     engine.close()
-    letters = {k: [score(item, a.decode("utf-8", "replace"))["letter"] for item, a in zip(items, v)]
-               for k, v in answers.items()}
-    summary = {"items": len(items)}
+    letters = {k: [score(item, a.decode("utf-8", "replace"))["letter"] if a is not None else None
+                   for item, a in zip(items, v)] for k, v in answers.items()}
+    summary = {"items": len(items), "lost_cli_outputs": sum(a is None for v in answers.values() for a in v)}
     for name, got in letters.items():
         summary[name] = {
             "accuracy": sum(g is not None and g == item.answer_letter for g, item in zip(got, items)) / len(items),

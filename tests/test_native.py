@@ -1,10 +1,10 @@
 """The native llama.cpp tools built by CMakeLists.txt: our GGUFs in stock llama-mtmd-cli,
 the LLaVA class-token fix, and importance-matrix quantization.
 
-The tests that run the tools are skipped where the tools are not built. CI does not build them: the CMake build of
-llama.cpp takes ~15 min (2 cores) or far more on a loaded runner, too much of the CI
-budget for one module; run `cmake -S . -B build -DCMAKE_BUILD_TYPE=Release &&
-cmake --build build -j 2` and these tests run.
+The tests that run the tools are skipped where they are not built. CI does not build
+them: the CMake build of llama.cpp takes ~15 min (2 cores) or far more on a loaded
+runner, too much of the CI budget for one module; run `cmake -S . -B build
+-DCMAKE_BUILD_TYPE=Release && cmake --build build -j 2` and these tests run.
 """
 from __future__ import annotations
 
@@ -195,3 +195,37 @@ def test_calibration_without_records_is_one_sentence(tmp_path):
     path.write_text(json.dumps([{"foo": 1}]))
     with pytest.raises(HuatuoError, match="no question/answer records"):
         calibration_text(path)
+
+
+# ---------------------------------------------------- finding the tools ----
+def test_missing_tool_is_one_sentence_with_the_build_command(tmp_path, monkeypatch):
+    from huatuo_lite import native
+    from huatuo_lite.errors import HuatuoError
+
+    monkeypatch.setattr(native, "candidate_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert native.find_tool("llama-imatrix", required=False) is None
+    with pytest.raises(HuatuoError, match=r"llama-imatrix was not found: build them with `cmake -S \. -B build"):
+        native.find_tool("llama-imatrix")
+    with pytest.raises(HuatuoError, match="Unknown llama.cpp tool"):
+        native.find_tool("llama-server")
+
+
+def test_env_var_folder_is_searched_first(tmp_path, monkeypatch):
+    from huatuo_lite import native
+
+    tool = tmp_path / "llama-bench"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv(native.BIN_ENV, str(tmp_path))
+    assert native.find_tool("llama-bench") == tool
+
+
+def test_tools_get_their_own_libraries_first(tmp_path):
+    """Importing llama_cpp puts its library folder on LD_LIBRARY_PATH; a tool must not load those."""
+    from huatuo_lite.native import tool_env
+
+    env = tool_env(tmp_path / "bin" / "llama-mtmd-cli", {"LD_LIBRARY_PATH": "/site/llama_cpp/lib"},
+                   libs_first=[tmp_path / "stock"])
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [str(tmp_path / "stock"), str((tmp_path / "bin").resolve()),
+                                                        "/site/llama_cpp/lib"]
