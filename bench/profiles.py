@@ -9,6 +9,7 @@ its converter, so a folder with a manifest is complete).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -34,22 +35,24 @@ class Profile:
     onnx_quants: tuple = ONNX_QUANTS
     skip_by_default: tuple = ()      # rows run only when named with --only
     onnx_direct: bool = False        # export each ONNX quant from the checkpoint (no fp32 copy on disk)
+    disk_gb: float = 1.0             # what its default rows' folders take, checked before building
 
 
 PROFILES = {p.name: p for p in (
     Profile("tiny", {}, "convert/tiny.py's default sizes (2 layers, 256 wide): seconds, for the smoke test",
-            new_tokens=8),
+            new_tokens=8, disk_gb=0.2),
     # Qwen2-0.5B: hidden 896, 14 heads of 64, 2 KV heads, SwiGLU 4864, 24 layers, 151936 rows.
     Profile("small", dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                           num_kv_heads=2, vocab_rows=151936, **CLIP_L_336),
-            "Qwen2-0.5B-shaped decoder + CLIP ViT-L/14-336 (~0.63B text + 0.3B vision parameters)"),
+            "Qwen2-0.5B-shaped decoder + CLIP ViT-L/14-336 (~0.63B text + 0.3B vision parameters)",
+            disk_gb=20),
     # Qwen2-7B: hidden 3584, 28 heads of 128, 4 KV heads, SwiGLU 18944, 28 layers, 152064 rows.
     Profile("7b", dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-                       num_kv_heads=4, vocab_rows=152064, num_shards=4, **CLIP_L_336),
+                       num_kv_heads=4, vocab_rows=152064, num_shards=8, **CLIP_L_336),
             "Qwen2-7B-shaped decoder + CLIP ViT-L/14-336 (manual: a 16 GB bf16 checkpoint, ~50 GB of "
             "converted files, hours on two cores)",
             # fp32 torch needs ~31 GB of RAM and ONNX fp32 another 30 GB of disk: only on request.
-            skip_by_default=("torch fp32", "onnx fp32"), onnx_direct=True),
+            skip_by_default=("torch fp32", "onnx fp32"), onnx_direct=True, disk_gb=60),
 )}
 
 
@@ -102,11 +105,23 @@ def build(log: dict, key: str, converter: str, *args, **kwargs) -> None:
     print(f"  built {key} in {log[key]['seconds']:.1f} s, peak RSS {peak:.0f} MB", flush=True)
 
 
+def _check_disk(profile: Profile, root: Path) -> None:
+    """Refuse to start a build that cannot fit (only before the first build of a profile)."""
+    if (root / "ckpt" / "config.json").is_file():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    free_gb = shutil.disk_usage(root).free / 1e9
+    if free_gb < profile.disk_gb:
+        raise HuatuoError(f"The {profile.name} profile needs about {profile.disk_gb:.0f} GB free in {root}, "
+                          f"which has {free_gb:.0f} GB: free space or pass another --work folder.")
+
+
 def prepare(profile: Profile, work: Path, labels: list[str], threads: int) -> tuple[list[Target], dict]:
     """Build (or reuse) the checkpoint and the converted folders the chosen rows need.
     Returns the targets in table order and {what: {seconds, peak_rss_mb}} for what was built now."""
     root, built = Path(work) / profile.name, {}
     ckpt = root / "ckpt"
+    _check_disk(profile, root)
     if not (ckpt / "config.json").is_file():
         build(built, "checkpoint", "make_tiny", ckpt, variant="7b", seed=0, **profile.sizes)
     targets = []

@@ -12,6 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import profiles  # noqa: E402
 import report  # noqa: E402
 import stock  # noqa: E402
 
@@ -80,3 +81,15 @@ def test_mtmd_log_timings():
     assert timings["prefill_s"] == pytest.approx(3.5) and timings["prompt_tokens"] == 600
     assert timings["time_to_first_token_s"] == pytest.approx(5.0)
     assert timings["decode_tokens_per_s"] == pytest.approx(31.5)
+
+
+@pytest.mark.parametrize("name", sorted(profiles.PROFILES))
+def test_every_profile_is_a_valid_tiny_shape(name):
+    """The small and 7b shapes pass make_tiny's own checks (without building GBs of weights)."""
+    from dataclasses import replace
+
+    from huatuo_lite.convert import tiny
+
+    profile = profiles.get_profile(name)
+    tiny._check_sizes(replace(tiny.TinySizes(), **profile.sizes))
+    assert profiles.default_labels(profile) and set(profiles.default_labels(profile)) <= set(profiles.all_labels(profile))
