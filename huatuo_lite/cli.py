@@ -18,7 +18,7 @@ import click
 from . import __version__
 from .backends import BACKEND_MODULES
 from .errors import HuatuoError
-from .family import RESEARCH_NOTICE
+from .family import DEMO_NOTICE, RESEARCH_NOTICE
 
 EXIT_INTERRUPTED = 130
 
@@ -116,10 +116,16 @@ def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, tem
 
 
 def model_or_default(model):
-    """The given model, or a clear sentence on how to choose one."""
-    if model:
-        return model
-    raise HuatuoError("No model given: pass --model with a model folder (see `huatuo-lite convert --help`).")
+    """The given model; else $HUATUO_LITE_MODEL, the one installed model, or the
+    bundled demo model (said in one line); else a sentence on how to choose one."""
+    from . import store
+
+    choice = model or store.default_model()
+    if choice is None:
+        raise HuatuoError("No model given: pass --model with a model folder (see `huatuo-lite convert --help`).")
+    if model is None and store.is_demo(choice):
+        click.echo(DEMO_NOTICE, err=True)
+    return choice
 
 
 def _register_subcommands():

@@ -41,6 +41,34 @@ def detect_format(folder: Path) -> str:
     )
 
 
+def demo_model() -> Path | None:
+    """The bundled demo model's GGUF folder, if this install ships it."""
+    import importlib.resources
+
+    folder = Path(str(importlib.resources.files("huatuo_lite.models").joinpath("demo", "gguf")))
+    return folder if (folder / "manifest.json").is_file() else None
+
+
+def is_demo(folder) -> bool:
+    demo = demo_model()
+    return demo is not None and Path(folder).resolve() == demo.resolve()
+
+
+def default_model() -> Path | str | None:
+    """What `ask` runs without --model: $HUATUO_LITE_MODEL, else the only model in
+    the store, else the bundled demo model, else None."""
+    if os.environ.get("HUATUO_LITE_MODEL"):
+        return os.environ["HUATUO_LITE_MODEL"]
+    installed = stored_models()
+    if len(installed) > 1:
+        raise ModelFormatError(
+            f"{len(installed)} models are installed ({', '.join(installed)}): choose one with --model "
+            "or set HUATUO_LITE_MODEL.")
+    if installed:
+        return next(iter(installed.values()))
+    return demo_model()
+
+
 def resolve(model: str | os.PathLike) -> Path:
     """A model folder from a path or a name in the store."""
     path = Path(model).expanduser()

@@ -94,7 +94,12 @@ def test_empty_question(tiny_7b):
     assert_one_sentence_error(invoke("ask", "-m", tiny_7b, *GREEDY, EXAMPLE, "   "), 1)
 
 
-def test_no_model_given():
+def test_no_model_given(monkeypatch, tmp_path):
+    import huatuo_lite.store as store
+
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path))
+    monkeypatch.delenv("HUATUO_LITE_MODEL", raising=False)
+    monkeypatch.setattr(store, "demo_model", lambda: None)     # as in an install without the demo
     assert_one_sentence_error(invoke("ask", "-q", EXAMPLE, "Q?"), 1, "model")
 
 
@@ -157,3 +162,19 @@ def test_ctrl_c_exits_130(monkeypatch, tiny_7b):
     monkeypatch.setattr(api, "load", interrupted)
     result = CliRunner().invoke(cli, ["ask", "-m", str(tiny_7b), EXAMPLE, "Q?"])
     assert result.exit_code == 130
+
+
+def test_default_model_from_the_environment(tiny_7b, monkeypatch, tmp_path):
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path / "empty-store"))
+    monkeypatch.setenv("HUATUO_LITE_MODEL", str(tiny_7b))
+    result = invoke("ask", "--json", *GREEDY, EXAMPLE, "Q?")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["model"] == str(tiny_7b)
+
+
+def test_several_installed_models_need_a_choice(monkeypatch, tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path))
+    monkeypatch.delenv("HUATUO_LITE_MODEL", raising=False)
+    assert_one_sentence_error(invoke("ask", "-q", EXAMPLE, "Q?"), 1, "--model")
