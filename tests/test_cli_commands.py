@@ -1,0 +1,88 @@
+"""CliRunner tests for chat and the model store commands."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fixtures_gguf import gguf_7b_f16  # noqa: F401
+from huatuo_lite.cli import cli
+
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "models" / "examples" / "chest_xray.png")
+
+
+def run(*args, **kwargs):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+
+
+def test_chat_session_with_commands(tiny_7b):
+    script = "\n".join(["What is shown?", f"/image {EXAMPLE}", "And now?", "/image", "/reset", "/quit"]) + "\n"
+    result = run("chat", "-m", tiny_7b, "--temperature", "0", "--max-tokens", "3", "-q", EXAMPLE, input=script)
+    assert result.exit_code == 0, result.output
+    assert "image 2 attached" in result.output
+    assert "Error: Give a path" in result.output             # a bad command does not end the chat
+    assert "conversation cleared" in result.output
+
+
+def test_chat_ends_at_end_of_input(tiny_7b):
+    result = run("chat", "-m", tiny_7b, "--max-tokens", "2", "-q", input="")
+    assert result.exit_code == 0
+
+
+@pytest.fixture()
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    return tmp_path / "models"
+
+
+def test_models_list_shows_registry_and_installed(store, gguf_7b_f16):
+    shutil.copytree(gguf_7b_f16, store / "mine")
+    result = run("models", "list")
+    assert result.exit_code == 0
+    assert "mine" in result.output and "installed" in result.output and "gguf" in result.output
+    assert "FreedomIntelligence/HuatuoGPT-Vision-7B" in result.output
+
+
+def test_models_info_and_verify(store, gguf_7b_f16):
+    folder = Path(shutil.copytree(gguf_7b_f16, store / "mine"))
+    info = json.loads(run("models", "info", "mine").output)
+    assert info["format"] == "gguf" and info["backend"] == "gguf"
+    assert run("models", "verify", "mine").exit_code == 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    text = folder / next(n for n, e in manifest["files"].items() if e["role"] == "text")
+    data = bytearray(text.read_bytes())
+    data[-1] ^= 0xFF                                           # same size, one byte changed
+    text.write_bytes(bytes(data))
+    result = run("models", "verify", "mine")
+    assert result.exit_code == 1 and text.name in result.output
+
+
+def test_models_rm(store, gguf_7b_f16):
+    shutil.copytree(gguf_7b_f16, store / "mine")
+    assert run("models", "rm", "mine", input="n\n").exit_code == 1 and (store / "mine").exists()
+    assert run("models", "rm", "mine", "--yes").exit_code == 0 and not (store / "mine").exists()
+    assert run("models", "rm", "mine", "--yes").exit_code == 1
+
+
+def test_models_pull_refused_offline(store, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("models", "pull", "huatuogpt-vision-7b")
+    assert result.exit_code == 1 and "HF_HUB_OFFLINE" in result.output
+    assert run("models", "pull", "no-such-model").exit_code == 1
+
+
+def test_models_pull_uses_hub_with_patterns(store, monkeypatch):
+    """pull hands the registry's repo and file patterns to huggingface-hub (no network here)."""
+    import huggingface_hub
+
+    calls = {}
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.update(kw))
+    result = run("models", "pull", "huatuogpt-vision-7b")
+    assert result.exit_code == 0, result.output
+    assert calls["repo_id"] == "FreedomIntelligence/HuatuoGPT-Vision-7B"
+    assert "*.safetensors" in calls["allow_patterns"] and Path(calls["local_dir"]) == store / "huatuogpt-vision-7b"
