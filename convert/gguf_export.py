@@ -7,10 +7,8 @@ Everything is written in a staging folder and moved into OUT_DIR when complete.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-from importlib import metadata
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
@@ -21,6 +19,7 @@ from huatuo_lite.family import CONTEXT_LENGTH
 from huatuo_lite.fsutil import staging_dir
 from huatuo_lite.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
 
+from .provenance import config_hash, source_entry, version
 from .checkpoint import open_checkpoint
 from .gguf_mmproj import PROJECTOR_TYPES, write_mmproj
 from .gguf_text import write_text_gguf
@@ -93,7 +92,7 @@ def _earlier_conversion(out_dir, ckpt) -> tuple[dict, dict | None]:
         return {}, None
     old = read_manifest(out_dir)
     source = old.get("source", {})
-    same = old.get("format") == "gguf" and source.get("config_sha256") == _config_hash(ckpt) \
+    same = old.get("format") == "gguf" and source.get("config_sha256") == config_hash(ckpt) \
         and source.get("path") == str(Path(ckpt.root).resolve())
     if not same:
         raise HuatuoError(f"{out_dir} already holds a conversion of another model; choose an empty output folder.")
@@ -176,9 +175,9 @@ def _manifest(ckpt, name: str, files: dict, self_test: dict | None) -> dict:
         "vision": {"projector": ckpt.projector.kind, "mmproj_projector": PROJECTOR_TYPES[ckpt.projector.kind],
                    "n_embd_out": ckpt.projector.out_features, "image_size": ckpt.vision.image_size,
                    "image_tokens": (ckpt.vision.image_size // ckpt.vision.patch_size) ** 2},
-        "source": {"config_sha256": _config_hash(ckpt), "path": str(Path(ckpt.root).resolve())},
-        "tools": {"huatuo-lite": _version("huatuo-lite"), "gguf": _version("gguf"),
-                  "llama-cpp-python": llama_cpp.__version__, "onnx": _version("onnx")},
+        "source": source_entry(ckpt),
+        "tools": {"huatuo-lite": version("huatuo-lite"), "gguf": version("gguf"),
+                  "llama-cpp-python": llama_cpp.__version__, "onnx": version("onnx")},
     }
     if self_test is not None:
         manifest["mtmd_self_test"] = self_test
@@ -191,14 +190,3 @@ def _context_length(ckpt) -> int:
     return int(min(limit, ckpt.text.max_position_embeddings))
 
 
-def _config_hash(ckpt) -> str:
-    path = Path(ckpt.root) / "config.json"
-    data = path.read_bytes() if path.is_file() else json.dumps(ckpt.config, sort_keys=True).encode()
-    return hashlib.sha256(data).hexdigest()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None

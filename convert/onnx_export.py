@@ -21,11 +21,9 @@ folder inside it that is always removed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 
 from tqdm import tqdm
@@ -35,6 +33,7 @@ from huatuo_lite.family import CONTEXT_LENGTH, IMAGE_TOKENS
 from huatuo_lite.fsutil import staging_dir
 from huatuo_lite.manifest import check_sizes, file_entry, read_manifest, write_manifest
 
+from .provenance import source_entry, version
 from .checkpoint import open_checkpoint
 from .onnx_graph import EXPORTERS, check_graph
 from .onnx_quant import QUANT_BITS, QUANT_MODES, VISION_QUANT_MODES, check_mode, quantize_graph
@@ -179,7 +178,7 @@ def _onnx_section(quant: str, vision_quant: str, block_size: int) -> dict:
 
 
 def _tools() -> dict:
-    return {name: _version(name) for name in
+    return {name: version(name) for name in
             ("huatuo-lite", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")}
 
 
@@ -197,7 +196,7 @@ def _manifest(ckpt, files: dict, onnx_section: dict) -> dict:
         "vision": {"projector": ckpt.projector.kind, "n_embd_out": ckpt.projector.out_features,
                    "image_size": ckpt.vision.image_size, "image_tokens": IMAGE_TOKENS},
         "onnx": onnx_section,
-        "source": {"config_sha256": _config_hash(ckpt), "path": str(Path(ckpt.root).resolve())},
+        "source": source_entry(ckpt),
         "tools": _tools(),
     }
 
@@ -205,19 +204,6 @@ def _manifest(ckpt, files: dict, onnx_section: dict) -> dict:
 def _model_name(ckpt) -> str:
     raw = str(ckpt.config.get("_name_or_path") or "").rstrip("/")
     return raw.rsplit("/", 1)[-1] if raw and not raw.startswith((".", "/")) else Path(ckpt.root).resolve().name
-
-
-def _config_hash(ckpt) -> str:
-    path = Path(ckpt.root) / "config.json"
-    data = path.read_bytes() if path.is_file() else json.dumps(ckpt.config, sort_keys=True).encode()
-    return hashlib.sha256(data).hexdigest()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 __all__ = ["export_onnx", "quantize_onnx", "QUANT_MODES", "VISION_QUANT_MODES"]

@@ -15,14 +15,14 @@ are not opened here: the workers read them, wherever they run.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .jsonrecords import read_record_list
 from .errors import HuatuoError
-from .evaluate import build_prompt
+from .evaluate import build_prompt, parse_options
 from .family import EVAL_OPTION_LETTERS, IMAGE_PLACEHOLDER
 
 COPIED_FIELDS = ("id", "dataset", "subset", "modality", "body_part")   # carried into each result row
@@ -49,20 +49,8 @@ class BatchItem:
 
 
 # -------------------------------------------------------------- formats ----
-def _options(record: dict, where: str) -> list:
-    options = record["options"]
-    if isinstance(options, str):              # upstream files sometimes hold a Python-literal list
-        try:
-            options = ast.literal_eval(options)
-        except (ValueError, SyntaxError):
-            raise HuatuoError(f"{where}: 'options' is a string that is not a list; fix the record.") from None
-    if not isinstance(options, (list, tuple)) or len(options) > len(EVAL_OPTION_LETTERS):
-        raise HuatuoError(f"{where}: 'options' must be a list of at most {len(EVAL_OPTION_LETTERS)} texts.")
-    return [str(o) for o in options]
-
-
 def eval_question(record: dict, where: str) -> tuple[str, dict]:
-    options = _options(record, where)
+    options = parse_options(record, where)
     answer = str(record.get("answer", ""))
     letter = EVAL_OPTION_LETTERS[options.index(answer)] if answer in options else None
     return build_prompt(str(record.get("question", "")), options), {"answer": letter}
@@ -105,14 +93,7 @@ def record_item(record: dict, index: int, root: Path, where: str) -> BatchItem:
 def load_batch_items(path, limit: int | None = None) -> list[BatchItem]:
     """Every record of a dataset JSON (a list) as a BatchItem, the first `limit` only if given."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HuatuoError(f"No dataset file {path}; give the JSON that sits next to its images.") from None
-    except (OSError, ValueError) as exc:
-        raise HuatuoError(f"{path} is not readable JSON ({exc}); give an eval or PubMedVision file.") from None
-    if not isinstance(records, list):
-        raise HuatuoError(f"{path} must hold a JSON list of records.")
+    records = read_record_list(path, "dataset file", "an eval or PubMedVision file")
     records = records[:limit] if limit else records
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:

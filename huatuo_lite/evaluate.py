@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .jsonrecords import read_record_list
 from .errors import HuatuoError
 from .family import (EVAL_ANSWER_SUFFIX, EVAL_MAX_NEW_TOKENS, EVAL_OPTION_LETTERS,
                      EVAL_SKIPPED_QUESTION_TYPES, GENERATION_DEFAULTS)
@@ -73,7 +74,8 @@ def build_prompt(question: str, options: Sequence[str]) -> str:
     return "\n".join([question, *lines, EVAL_ANSWER_SUFFIX])
 
 
-def _options(record: dict, where: str) -> list:
+def parse_options(record: dict, where: str) -> list:
+    """A record's options as texts (a list, or upstream's Python-literal string of one)."""
     options = record.get("options", [])
     if isinstance(options, str):   # upstream accepts a Python-literal list
         try:
@@ -86,7 +88,7 @@ def _options(record: dict, where: str) -> list:
 
 
 def _item(record: dict, index: int, root: Path, where: str) -> EvalItem:
-    options = _options(record, where)
+    options = parse_options(record, where)
     answer = str(record.get("answer", ""))
     if answer != "?" and answer not in options:
         raise HuatuoError(f"{where}: the answer {answer!r} is not one of its options; fix the record.")
@@ -105,14 +107,7 @@ def _item(record: dict, index: int, root: Path, where: str) -> EvalItem:
 def load_items(path, limit: int | None = None) -> tuple[list[EvalItem], dict]:
     """Closed items of an eval JSON (first `limit` of them) and counts of skipped records."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HuatuoError(f"No eval file {path}; give the JSON that sits next to its images/ folder.") from None
-    except (OSError, ValueError) as exc:
-        raise HuatuoError(f"{path} is not readable JSON ({exc}); give an upstream-format eval file.") from None
-    if not isinstance(records, list):
-        raise HuatuoError(f"{path} must hold a JSON list of question records.")
+    records = read_record_list(path, "eval file", "an upstream-format eval file")
     items, skipped = [], {"open": 0, "no_options": 0}
     for index, record in enumerate(records):
         if limit is not None and len(items) >= limit:

@@ -1,0 +1,23 @@
+"""Read a dataset file that holds a JSON list of records (eval or PubMedVision format)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import HuatuoError
+
+
+def read_record_list(path: Path, kind: str, what_to_give: str) -> list:
+    """The list of records in `path`; one sentence if it is missing, not JSON or not a list.
+
+    kind names the file in messages ("eval file"); what_to_give ends the sentence
+    that tells the user which file to pass."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HuatuoError(f"No {kind} {path}; give the JSON that sits next to its images.") from None
+    except (OSError, ValueError) as exc:
+        raise HuatuoError(f"{path} is not readable JSON ({exc}); give {what_to_give}.") from None
+    if not isinstance(records, list):
+        raise HuatuoError(f"{path} must hold a JSON list of records.")
+    return records
