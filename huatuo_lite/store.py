@@ -70,19 +70,45 @@ def default_model() -> Path | str | None:
 
 
 def resolve(model: str | os.PathLike) -> Path:
-    """A model folder from a path or a name in the store."""
+    """A model folder from a path, a store name, a registry name or hub repo id
+    (its pulled folder), or a repo already in the huggingface-hub cache. Never
+    touches the network."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    stored = home() / "models" / str(model).replace("/", "--")
-    if stored.is_dir():
-        return stored
     if path.exists():
         raise ModelFormatError(f"{path} is a file; point --model at the model's folder.")
+    name = str(model)
+    for candidate in (name, registry_name(name), name.replace("/", "--")):
+        if candidate and (home() / "models" / candidate).is_dir():
+            return home() / "models" / candidate
+    cached = hub_cache_snapshot(name)
+    if cached is not None:
+        return cached
     raise ModelFormatError(
-        f"No model {str(model)!r} here or in {home() / 'models'}; give a model folder, "
-        "or convert one with `huatuo-lite convert gguf SRC OUT`."
+        f"No model {name!r} here, in {home() / 'models'} or in the huggingface-hub cache; give a model "
+        "folder, `huatuo-lite models pull NAME`, or convert one with `huatuo-lite convert gguf SRC OUT`."
     )
+
+
+def registry_name(name_or_repo: str) -> str | None:
+    """The registry name for a registry name or its hub repo id."""
+    for name, entry in registry().items():
+        if name_or_repo in (name, entry["repo"]):
+            return name
+    return None
+
+
+def hub_cache_snapshot(repo_id: str) -> Path | None:
+    """A repo already downloaded into the huggingface-hub cache (local files only)."""
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=repo_id, local_files_only=True))
+    except Exception:  # not cached, or an invalid id: the caller says what to do
+        return None
 
 
 def backend_for(folder: Path, requested: str | None) -> str:

@@ -86,3 +86,28 @@ def test_models_pull_uses_hub_with_patterns(store, monkeypatch):
     assert result.exit_code == 0, result.output
     assert calls["repo_id"] == "FreedomIntelligence/HuatuoGPT-Vision-7B"
     assert "*.safetensors" in calls["allow_patterns"] and Path(calls["local_dir"]) == store / "huatuogpt-vision-7b"
+
+
+def test_model_names_resolve_without_network(store, gguf_7b_f16, monkeypatch):
+    """--model takes a folder, a store name, a registry name or its hub repo id."""
+    import huatuo_lite.store as st
+
+    shutil.copytree(gguf_7b_f16, store / "huatuogpt-vision-7b")
+    for name in ("huatuogpt-vision-7b", "FreedomIntelligence/HuatuoGPT-Vision-7B"):
+        assert st.resolve(name) == store / "huatuogpt-vision-7b"
+    with pytest.raises(st.ModelFormatError, match="models pull"):
+        st.resolve("someone/not-here")
+
+
+def test_hub_cache_snapshot_is_found_offline(store, tmp_path, monkeypatch):
+    import huatuo_lite.store as st
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--org--model" / "refs").mkdir()
+    (cache / "models--org--model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert st.resolve("org/model") == snapshot
