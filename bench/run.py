@@ -85,6 +85,8 @@ def run_child(target, threads: int, new_tokens: int, images: list[Path]) -> dict
 
 
 def measure_targets(targets, args, images, read_gbs: float) -> tuple[list[dict], list[str]]:
+    """Our rows, each GGUF row followed at once by stock llama.cpp on the same file (the two
+    then see the same machine load: a busy neighbour swings llama.cpp's speed tenfold)."""
     rows, notes = [], []
     for target in targets:
         print(f"measuring {target.label} ...", flush=True)
@@ -100,19 +102,23 @@ def measure_targets(targets, args, images, read_gbs: float) -> tuple[list[dict],
         print(f"  TTFT {row['time_to_first_token_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} tok/s, "
               f"follow-up TTFT x{row['follow_up_ratio']:.3f}, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
         rows.append(row)
-    return rows, notes
+        if target.backend == "gguf" and not args.no_stock:
+            more_rows, more_notes = stock_rows(target, args, images, read_gbs, row["prompt_tokens"])
+            rows, notes = rows + more_rows, notes + more_notes
+        if args.out:     # what is measured so far survives a later crash
+            write_json(args.out.with_name(args.out.name + ".partial"), {"rows": rows, "notes": notes})
+    return rows, list(dict.fromkeys(notes))
 
 
-def stock_targets_rows(targets, args, images, read_gbs: float) -> tuple[list[dict], list[str]]:
-    gguf = [t for t in targets if t.backend == "gguf"]
-    if args.no_stock or not gguf:
-        return [], []
-    print("measuring stock llama.cpp ...", flush=True)
-    rows, notes = stock.stock_rows(gguf, images, FIRST_QUESTION, args.threads, args.new_tokens, args.repeat)
+def stock_rows(target, args, images, read_gbs: float, prompt_tokens: int) -> tuple[list[dict], list[str]]:
+    print(f"measuring llama.cpp {target.quant} ...", flush=True)
+    rows, notes = stock.stock_rows([target], images, FIRST_QUESTION, args.threads, args.new_tokens, args.repeat,
+                                   prompt_tokens)
     for row in rows:
-        target = next(t for t in gguf if t.quant == row["quant"])
         row["size_mb"] = folder_size_mb(target)
         report.add_roofline(row, roofline.bytes_per_token(target), read_gbs)
+        print(f"  TTFT {row.get('time_to_first_token_s', float('nan')):.2f} s, "
+              f"decode {row['decode_tokens_per_s']:.2f} tok/s (llama-bench)", flush=True)
     return rows, notes
 
 
@@ -124,18 +130,6 @@ def chosen_labels(profile, only: list[str] | None) -> list[str]:
     if unknown:
         raise SystemExit(f"Unknown row {unknown[0]!r}: choose from {', '.join(labels)}.")
     return [label for label in labels if label in only]
-
-
-def ordered(rows: list[dict]) -> list[dict]:
-    """Each stock llama.cpp row right below our GGUF row of the same quant."""
-    stock_rows = {row["quant"]: row for row in rows if row["backend"] == "llama.cpp"}
-    out = []
-    for row in rows:
-        if row["backend"] != "llama.cpp":
-            out.append(row)
-            if row["backend"] == "gguf" and row["quant"] in stock_rows:
-                out.append(stock_rows.pop(row["quant"]))
-    return out + list(stock_rows.values())
 
 
 def benchmark(args) -> dict:
@@ -150,13 +144,12 @@ def benchmark(args) -> dict:
     targets, built = profiles.prepare(profile, args.work, chosen_labels(profile, args.only), args.threads)
     images = write_images(Path(args.work) / "images", args.repeat)
     rows, notes = measure_targets(targets, args, images, bandwidth["read_gbs"])
-    more_rows, more_notes = stock_targets_rows(targets, args, images, bandwidth["read_gbs"])
     report.add_agreement(rows)
     return {"profile": profile.name, "about": profile.about, "sizes": profile.sizes, "threads": args.threads,
             "repeat": args.repeat, "new_tokens": args.new_tokens, "load_average": load_average,
             "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "bandwidth": bandwidth, "built_s": built, "rows": ordered(rows + more_rows),
-            "notes": notes + more_notes, "wall_s": time.perf_counter() - t0}
+            "bandwidth": bandwidth, "built_s": built, "rows": rows,
+            "notes": notes, "wall_s": time.perf_counter() - t0}
 
 
 def write_json(path: Path, result: dict) -> None:

@@ -15,10 +15,11 @@ from pathlib import Path
 from huatuo_lite import native
 from huatuo_lite.errors import HuatuoError
 
+MTMD_TRIES = 3
 PROMPT_TOKENS = 576           # one image's tokens: the prefill a first question pays
 # llama-mtmd-cli / llama_perf lines (milliseconds)
 MTMD_PATTERNS = {
-    "image_encode_ms": re.compile(r"image slice encoded in\s+([\d.]+)\s*ms"),
+    "image_encode_ms": re.compile(r"(?:image slice encoded in|mtmd batch encoding done in)\s+([\d.]+)\s*ms"),
     "image_decode_ms": re.compile(r"image decoded \(batch \d+/\d+\) in\s+([\d.]+)\s*ms"),
     "prompt_eval_ms": re.compile(r"prompt eval time =\s+([\d.]+)\s*ms\s*/\s*(\d+)\s*tokens"),
     "eval_ms": re.compile(r"\beval time =\s+([\d.]+)\s*ms\s*/\s*(\d+)\s*runs"),
@@ -36,7 +37,7 @@ def llama_bench(text_gguf: Path, threads: int, new_tokens: int, repeat: int,
     args = ["-m", text_gguf, "-p", prompt_tokens, "-n", new_tokens, "-t", threads, "-r", max(1, repeat),
             "-o", "json"]
     done = native.run_tool("llama-bench", args, timeout=3600)
-    records = json.loads(done.stdout)
+    records = json.loads(_text(done.stdout))
     result = {}
     for record in records:   # one record for the pp test (n_gen 0), one for tg (n_prompt 0)
         key = "prefill_tokens_per_s" if record.get("n_gen", 0) == 0 else "decode_tokens_per_s"
@@ -47,16 +48,17 @@ def llama_bench(text_gguf: Path, threads: int, new_tokens: int, repeat: int,
 
 
 def parse_mtmd_log(text: str) -> dict:
-    """Milliseconds of each phase found in llama-mtmd-cli's log -> seconds and tokens/s."""
+    """Milliseconds of each phase found in llama-mtmd-cli's log -> seconds and tokens/s.
+    Its async logger may drop the llama_perf lines at exit; then only the image encode is known."""
     found = {key: pattern.search(text) for key, pattern in MTMD_PATTERNS.items()}
-    if found["prompt_eval_ms"] is None:
-        raise HuatuoError("llama-mtmd-cli printed no timings (llama_perf lines); run it by hand to see why.")
-    encode_s = sum(float(found[k].group(1)) for k in ("image_encode_ms",) if found[k]) / 1000
-    prompt_s = float(found["prompt_eval_ms"].group(1)) / 1000
-    prompt_n = int(found["prompt_eval_ms"].group(2))
-    result = {"image_encode_s": encode_s, "prefill_s": prompt_s,
-              "prefill_tokens_per_s": prompt_n / prompt_s if prompt_s else 0.0,
-              "time_to_first_token_s": encode_s + prompt_s, "prompt_tokens": prompt_n}
+    if found["image_encode_ms"] is None:
+        raise HuatuoError("llama-mtmd-cli printed no image encode time; run it by hand to see why.")
+    result = {"image_encode_s": float(found["image_encode_ms"].group(1)) / 1000}
+    if found["prompt_eval_ms"]:
+        prompt_s = float(found["prompt_eval_ms"].group(1)) / 1000
+        prompt_n = int(found["prompt_eval_ms"].group(2))
+        result.update(prefill_s=prompt_s, prefill_tokens_per_s=prompt_n / prompt_s if prompt_s else 0.0,
+                      time_to_first_token_s=result["image_encode_s"] + prompt_s, prompt_tokens=prompt_n)
     if found["eval_ms"] and int(found["eval_ms"].group(2)) > 1:
         eval_s, runs = float(found["eval_ms"].group(1)) / 1000, int(found["eval_ms"].group(2))
         result.update(decode_s=eval_s, decode_tokens_per_s=runs / eval_s)
@@ -72,13 +74,24 @@ def mtmd_first_answer(text_gguf: Path, mmproj: Path, image: Path, question: str,
     prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) + question
     args = ["-m", text_gguf, "--mmproj", mmproj, "--image", image, "-p", prompt, "--temp", "0",
             "-n", new_tokens, "-t", threads, "--jinja", "--no-warmup", "-c", 4096, "--seed", 0]
-    done = native.run_tool("llama-mtmd-cli", args, timeout=3600)
-    return parse_mtmd_log(done.stderr + "\n" + done.stdout)
+    for _ in range(MTMD_TRIES):     # its async logger can drop the last lines (the timings) at exit
+        done = native.run_tool("llama-mtmd-cli", args, timeout=3600)
+        log = _text(done.stderr) + "\n" + _text(done.stdout)
+        if MTMD_PATTERNS["prompt_eval_ms"].search(log):
+            break
+    return parse_mtmd_log(log)
+
+
+def _text(data) -> str:
+    """run_tool gives stdout as bytes (generated text may end mid-character)."""
+    return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
 
 
 def stock_rows(gguf_targets: list, images: list, question: str, threads: int, new_tokens: int,
-               repeat: int) -> tuple[list[dict], list[str]]:
-    """One 'llama.cpp <quant>' row per GGUF target; notes for what could not run."""
+               repeat: int, prompt_tokens: int = PROMPT_TOKENS) -> tuple[list[dict], list[str]]:
+    """One 'llama.cpp <quant>' row per GGUF target; notes for what could not run. Prefill and
+    decode are llama-bench's; TTFT is llama-mtmd-cli's (image encode + prompt eval), or, when
+    its log lost the perf lines, its image encode + prompt_tokens at llama-bench's prefill rate."""
     from profiles import text_gguf
 
     found, rows, notes = tools(), [], []
@@ -91,16 +104,19 @@ def stock_rows(gguf_targets: list, images: list, question: str, threads: int, ne
             row.update(llama_bench(text_gguf(target.folder), threads, new_tokens, repeat))
             if found["llama-mtmd-cli"] is not None:
                 row.update(_mtmd_median(target, images, question, threads, new_tokens))
-        except HuatuoError as exc:
-            notes.append(f"{row['label']}: {exc}")
+        except (HuatuoError, ValueError, KeyError) as exc:   # one broken peer row must not end the run
+            notes.append(f"{row['label']}: {type(exc).__name__}: {exc}")
             continue
+        if "image_encode_s" in row and "time_to_first_token_s" not in row:
+            row["time_to_first_token_s"] = row["image_encode_s"] + prompt_tokens / row["prefill_tokens_per_s"]
+            row["ttft_estimated"] = True
         rows.append(row)
     return rows, notes
 
 
 def _mtmd_median(target, images, question, threads, new_tokens) -> dict:
-    """Median over the images of mtmd-cli's TTFT figures; decode stays llama-bench's (EOS can
-    end a random model's answer early, llama-bench always runs n tokens)."""
+    """Median over the images of mtmd-cli's figures; prefill and decode rates stay llama-bench's
+    (EOS can end a random model's answer early, llama-bench always runs n tokens)."""
     from huatuo_lite.manifest import read_manifest
     from profiles import text_gguf
 
@@ -108,7 +124,9 @@ def _mtmd_median(target, images, question, threads, new_tokens) -> dict:
     mmproj = target.folder / next(name for name, entry in files.items() if entry["role"] == "mmproj")
     runs = [mtmd_first_answer(text_gguf(target.folder), mmproj, image, question, threads, new_tokens)
             for image in images]
-    keys = ("image_encode_s", "prefill_s", "time_to_first_token_s")
-    result = {key: statistics.median(run[key] for run in runs) for key in keys}
-    result["mtmd_prefill_tokens_per_s"] = statistics.median(run["prefill_tokens_per_s"] for run in runs)
+    result = {}
+    for key in ("image_encode_s", "prefill_s", "time_to_first_token_s"):
+        values = [run[key] for run in runs if key in run]
+        if values:
+            result[key] = statistics.median(values)
     return result
