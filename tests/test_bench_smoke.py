@@ -93,3 +93,12 @@ def test_every_profile_is_a_valid_tiny_shape(name):
     profile = profiles.get_profile(name)
     tiny._check_sizes(replace(tiny.TinySizes(), **profile.sizes))
     assert profiles.default_labels(profile) and set(profiles.default_labels(profile)) <= set(profiles.all_labels(profile))
+
+
+def test_mtmd_log_without_perf_lines_keeps_the_encode_time():
+    """This llama.cpp's mtmd-cli logs 'mtmd batch encoding done in N ms'; its async logger can
+    drop the llama_perf lines at exit."""
+    timings = stock.parse_mtmd_log("encoding mtmd batch, n_chunks = 1\nmtmd batch encoding done in 68 ms\n")
+    assert timings == {"image_encode_s": pytest.approx(0.068)}
+    with pytest.raises(Exception, match="no image encode time"):
+        stock.parse_mtmd_log("nothing useful\n")
