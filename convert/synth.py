@@ -41,12 +41,12 @@ LESION_KINDS = ("side", "vertical", "size")
 
 
 # ---------------------------------------------------------------- cases ----
-def make_case(seed: int, split: str, index: int) -> dict:
+def make_case(seed: int, split: str, index: int, marker: tuple | None = None) -> dict:
     """One case: its drawn image (PIL) and ground truth, from its own rng stream."""
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], index])
     modality = list(STYLES)[int(rng.integers(len(STYLES)))]
     findings = sample_findings(rng)
-    image, lesions = draw_case(modality, findings, rng)
+    image, lesions = draw_case(modality, findings, rng, marker)
     return {"id": f"{split}_{index:05d}", "split": split, "modality": modality,
             "body_part": STYLES[modality].body_part, "findings": vars(findings),
             "lesions": [vars(lesion) for lesion in lesions], "image_obj": image,
@@ -123,12 +123,13 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-def make_split(stage: Path, split: str, n_cases: int, seed: int, shuffle: bool) -> dict:
+def make_split(stage: Path, split: str, n_cases: int, seed: int, shuffle: bool,
+               marker: tuple | None = None) -> dict:
     """Draw one split's images into stage/images; its eval items, conversations, truths."""
     (stage / "images").mkdir(exist_ok=True)
     items, conversations, truths = [], [], []
     for index in range(n_cases):
-        case = make_case(seed, split, index)
+        case = make_case(seed, split, index, marker)
         case.pop("image_obj").save(stage / "images" / f"{case['id']}.png", optimize=True)
         rng = case.pop("rng")
         items += [closed_item(case, kind, rng, shuffle) for kind in case_kinds(case)]
@@ -139,26 +140,28 @@ def make_split(stage: Path, split: str, n_cases: int, seed: int, shuffle: bool) 
 
 
 def make_synthetic_set(out_dir, n_train: int, n_val: int, n_test: int, seed: int = 0,
-                       shuffle_options: bool = False) -> dict:
+                       shuffle_options: bool = False, lesion_marker: tuple | None = None) -> dict:
     """Write the set into out_dir (atomically per file) and return its paths.
 
     n_* count cases (images); each case gives 3 eval items, or 6 when it has a
     lesion. Returns {"root", "images", "train_conversations", "val_conversations",
     "val_vqa", "test_vqa", "cases"} -> Path. Options are in a fixed order per
-    kind unless shuffle_options (then the letter carries no prior)."""
+    kind unless shuffle_options (then the letter carries no prior). lesion_marker
+    (r, g, b) paints every lesion in that colour too (RGB images; see draw_case)."""
     out_dir = Path(out_dir)
     names = {"train_conversations": "train_conversations.json", "val_conversations": "val_conversations.json",
              "val_vqa": "val_vqa.json", "test_vqa": "test_vqa.json", "cases": "cases.json"}
     all_cases = {}
     with staging_dir(out_dir) as stage:
         for split, n_cases in (("train", n_train), ("val", n_val), ("test", n_test)):
-            made = make_split(stage, split, n_cases, seed, shuffle_options)
+            made = make_split(stage, split, n_cases, seed, shuffle_options, lesion_marker)
             all_cases[split] = made["cases"]
             if split != "test":
                 _write_json(stage / names[f"{split}_conversations"], made["conversations"])
             if split != "train":
                 _write_json(stage / names[f"{split}_vqa"], made["items"])
         _write_json(stage / names["cases"], {"seed": seed, "shuffle_options": shuffle_options,
+                                             "lesion_marker": lesion_marker,
                                              "splits": all_cases})
     return {"root": out_dir, "images": out_dir / "images", **{k: out_dir / v for k, v in names.items()}}
 

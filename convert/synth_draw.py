@@ -180,8 +180,11 @@ def place_lesions(findings: Findings, box, rng, tries: int = 2000) -> list[Lesio
 
 
 # --------------------------------------------------------------- render ----
-def draw_case(modality: str, findings: Findings, rng) -> tuple[Image.Image, list[Lesion]]:
-    """The image (mode "L" or "P") and its lesions, for one modality and ground truth."""
+def draw_case(modality: str, findings: Findings, rng, marker: tuple | None = None
+              ) -> tuple[Image.Image, list[Lesion]]:
+    """The image (mode "L" or "P"; "RGB" with a marker) and its lesions, for one modality
+    and ground truth. marker (r, g, b): lesions are also painted in that colour on top,
+    a high-contrast look no anatomy has (the demo model's easier task)."""
     style = STYLES[modality]
     canvas = Image.new("L", (SIZE, SIZE), 0)
     style.draw_anatomy(ImageDraw.Draw(canvas), rng)
@@ -194,7 +197,14 @@ def draw_case(modality: str, findings: Findings, rng) -> tuple[Image.Image, list
     for lesion in lesions:
         _ellipse(draw, lesion.cx, lesion.cy, lesion.r, lesion.r, style.lesion_value)
     finish = _finish_grey if style.symmetric else _finish_labels
-    return finish(canvas), lesions
+    image = finish(canvas)
+    if marker is not None:
+        image = image.convert("RGB")
+        draw = ImageDraw.Draw(image)
+        for lesion in lesions:
+            draw.ellipse((lesion.cx - lesion.r, lesion.cy - lesion.r, lesion.cx + lesion.r, lesion.cy + lesion.r),
+                         fill=tuple(marker))
+    return image, lesions
 
 
 def _finish_grey(canvas: Image.Image) -> Image.Image:

@@ -29,7 +29,7 @@ from huatuo_lite.fsutil import atomic_path, staging_dir
 from .checkpoint import open_checkpoint
 from .checkpoint_writer import write_checkpoint
 from .train_data import DataError, build_examples, read_records, split_validation
-from .train_model import (LoraOptions, batch_loss, build_trainable, canonical_state, tower_trains,
+from .train_model import (LoraOptions, batch_loss, build_trainable, canonical_state, freeze_tower, tower_trains,
                           trainable_state, vision_hidden)
 
 LR_DEFAULTS = {"align": 1e-3, "lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -66,6 +66,7 @@ class TrainOptions:
     dtype: str = "float32"
     device: str = "auto"               # "cpu", "cuda", "auto"
     feature_cache: int = 256           # frozen vision tower: images whose features are kept
+    train_vision: bool = True          # full mode: False keeps the vision tower frozen (upstream stage 2)
     progress: bool = True
 
 
@@ -304,6 +305,8 @@ def _start_run(ckpt, mode: str, opts: TrainOptions, out: Path, steps: int) -> Ru
     lora = LoraOptions(opts.lora_r, opts.lora_alpha, opts.lora_dropout, opts.train_projector)
     net, llava = build_trainable(ckpt, mode, lora, torch_dtype(opts.dtype), _device(opts.device),
                                  opts.gradient_checkpointing)
+    if not opts.train_vision:
+        freeze_tower(llava)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer, num_training_steps=steps,

@@ -140,6 +140,11 @@ def canonical_state(llava, ckpt) -> dict:
 
 
 # ---------------------------------------------------------------- forward ----
+def freeze_tower(llava) -> None:
+    for p in llava.get_submodule(VISION).parameters():
+        p.requires_grad_(False)
+
+
 def tower_trains(llava) -> bool:
     return any(p.requires_grad for p in llava.get_submodule(VISION).parameters())
 
