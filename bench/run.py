@@ -113,7 +113,7 @@ def measure_targets(targets, args, images, read_gbs: float) -> tuple[list[dict],
 def stock_rows(target, args, images, read_gbs: float, prompt_tokens: int) -> tuple[list[dict], list[str]]:
     print(f"measuring llama.cpp {target.quant} ...", flush=True)
     rows, notes = stock.stock_rows([target], images, FIRST_QUESTION, args.threads, args.new_tokens, args.repeat,
-                                   prompt_tokens)
+                                   prompt_tokens, mtmd=not args.no_mtmd)
     for row in rows:
         row["size_mb"] = folder_size_mb(target)
         report.add_roofline(row, roofline.bytes_per_token(target), read_gbs)
@@ -167,6 +167,8 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=None, help="default: the profile's")
     parser.add_argument("--only", nargs="*", help="rows to run, e.g. 'gguf Q4_K_M' 'torch fp32'")
     parser.add_argument("--no-stock", action="store_true", help="skip stock llama.cpp")
+    parser.add_argument("--no-mtmd", action="store_true",
+                        help="stock TTFT without llama-mtmd-cli (no image encode: prefill at llama-bench's rate)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="models are built (and kept) here")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from pathlib import Path
 from huatuo_lite import native
 from huatuo_lite.errors import HuatuoError
 
-MTMD_TRIES = 3
+MTMD_TRIES = 2                 # this build's mtmd-cli usually loses its perf lines: retry once
 PROMPT_TOKENS = 576           # one image's tokens: the prefill a first question pays
 # llama-mtmd-cli / llama_perf lines (milliseconds)
 MTMD_PATTERNS = {
@@ -88,7 +88,7 @@ def _text(data) -> str:
 
 
 def stock_rows(gguf_targets: list, images: list, question: str, threads: int, new_tokens: int,
-               repeat: int, prompt_tokens: int = PROMPT_TOKENS) -> tuple[list[dict], list[str]]:
+               repeat: int, prompt_tokens: int = PROMPT_TOKENS, mtmd: bool = True) -> tuple[list[dict], list[str]]:
     """One 'llama.cpp <quant>' row per GGUF target; notes for what could not run. Prefill and
     decode are llama-bench's; TTFT is llama-mtmd-cli's (image encode + prompt eval), or, when
     its log lost the perf lines, its image encode + prompt_tokens at llama-bench's prefill rate."""
@@ -102,11 +102,14 @@ def stock_rows(gguf_targets: list, images: list, question: str, threads: int, ne
                "folder": str(target.folder)}
         try:
             row.update(llama_bench(text_gguf(target.folder), threads, new_tokens, repeat))
-            if found["llama-mtmd-cli"] is not None:
-                row.update(_mtmd_median(target, images, question, threads, new_tokens))
         except (HuatuoError, ValueError, KeyError) as exc:   # one broken peer row must not end the run
             notes.append(f"{row['label']}: {type(exc).__name__}: {exc}")
             continue
+        try:                                                  # its TTFT only: keep llama-bench's figures
+            if found["llama-mtmd-cli"] is not None and mtmd:
+                row.update(_mtmd_median(target, images, question, threads, new_tokens))
+        except (HuatuoError, ValueError, KeyError) as exc:
+            notes.append(f"{row['label']} llama-mtmd-cli: {type(exc).__name__}: {exc}")
         if "image_encode_s" in row and "time_to_first_token_s" not in row:
             row["time_to_first_token_s"] = row["image_encode_s"] + prompt_tokens / row["prefill_tokens_per_s"]
             row["ttft_estimated"] = True
