@@ -33,17 +33,17 @@ def tools() -> dict:
 
 def llama_bench(text_gguf: Path, threads: int, new_tokens: int, repeat: int,
                 prompt_tokens: int = PROMPT_TOKENS) -> dict:
-    """{'prefill_tokens_per_s', 'decode_tokens_per_s'} of llama-bench (its mean of `repeat` runs)."""
-    args = ["-m", text_gguf, "-p", prompt_tokens, "-n", new_tokens, "-t", threads, "-r", max(1, repeat),
-            "-o", "json"]
-    done = native.run_tool("llama-bench", args, timeout=3600)
-    records = json.loads(_text(done.stdout))
+    """{'prefill_tokens_per_s', 'decode_tokens_per_s'} of llama-bench (its mean of `repeat` runs).
+    pp and tg run as two invocations: in one `-p 576 -n 64` run here tg64 came out at 0.9 tok/s
+    where a tg-only run gave 47 on the same file minutes apart."""
     result = {}
-    for record in records:   # one record for the pp test (n_gen 0), one for tg (n_prompt 0)
-        key = "prefill_tokens_per_s" if record.get("n_gen", 0) == 0 else "decode_tokens_per_s"
-        result[key] = float(record["avg_ts"])
-    if len(result) != 2:
-        raise HuatuoError(f"llama-bench printed no pp/tg pair for {text_gguf.name}; run it by hand to see why.")
+    for key, p, n in (("prefill_tokens_per_s", prompt_tokens, 0), ("decode_tokens_per_s", 0, new_tokens)):
+        args = ["-m", text_gguf, "-p", p, "-n", n, "-t", threads, "-r", max(1, repeat), "-o", "json"]
+        records = json.loads(_text(native.run_tool("llama-bench", args, timeout=3600).stdout))
+        if len(records) != 1:
+            raise HuatuoError(f"llama-bench printed {len(records)} results for one test on {text_gguf.name}; "
+                              "run it by hand to see why.")
+        result[key] = float(records[0]["avg_ts"])
     return result
 
 
