@@ -1,11 +1,11 @@
 """Conversion streams tensors: peak memory grows by about one tensor, not the model."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from memory_probe import child_peak_mb
 
 pytest.importorskip("torch")
 pytest.importorskip("gguf")
@@ -13,12 +13,6 @@ pytest.importorskip("gguf")
 # ~320 MB of bf16 weights in 8 shards (14 layers of 1024 x 2816); the largest tensor is ~6 MB.
 BIG = dict(hidden_size=1024, intermediate_size=2816, num_layers=14, num_heads=8, num_kv_heads=2, num_shards=8)
 
-# Each child prints its own peak RSS from /proc (VmHWM belongs to the process image: Linux's
-# ru_maxrss survives exec, so a child of a big pytest process would report the parent's size).
-REPORT = """
-import re
-print("PEAK_KB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-"""
 BASELINE = """
 import sys
 from huatuo_lite.convert import gguf_export
@@ -33,14 +27,6 @@ export_gguf(sys.argv[1], sys.argv[2], quant="F16", vision_onnx=False)
 """
 
 
-def _child_peak_mb(script: str, *args) -> float:
-    """Run `script` in a fresh interpreter and return its peak RSS in MB."""
-    done = subprocess.run([sys.executable, "-c", script + REPORT, *map(str, args)], check=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = [ln for ln in done.stdout.splitlines() if ln.startswith("PEAK_KB")][-1]
-    return int(line.split()[1]) / 1024
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 def test_conversion_peak_rss_is_far_below_checkpoint_size(tmp_path):
     from huatuo_lite.convert.tiny import make_tiny
@@ -49,8 +35,8 @@ def test_conversion_peak_rss_is_far_below_checkpoint_size(tmp_path):
     shards = sorted(Path(src).glob("*.safetensors"))
     checkpoint_mb = sum(p.stat().st_size for p in shards) / 2**20
     assert len(shards) >= 4 and checkpoint_mb > 250
-    baseline = _child_peak_mb(BASELINE, src)
-    peak = _child_peak_mb(CONVERT, src, tmp_path / "out")
+    baseline = child_peak_mb(BASELINE, src)
+    peak = child_peak_mb(CONVERT, src, tmp_path / "out")
     growth = peak - baseline
     print(f"checkpoint {checkpoint_mb:.0f} MB in {len(shards)} shards; conversion peak RSS {peak:.0f} MB "
           f"(baseline {baseline:.0f} MB, growth {growth:.0f} MB)")

@@ -2,11 +2,11 @@
 conversion chunk, not by the model (a real 7B is 28 GB in float32)."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from memory_probe import child_peak_mb
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -16,12 +16,6 @@ pytest.importorskip("onnxruntime")
 # in float32; the largest tensor is ~6 MB (bf16), a conversion chunk 16 MB (float32).
 BIG = dict(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=8, num_kv_heads=2, num_shards=8)
 
-# Each child prints its own peak RSS from /proc (VmHWM belongs to the process image: Linux's
-# ru_maxrss survives exec, so a child of a big pytest process would report the parent's size).
-REPORT = """
-import re
-print("PEAK_KB", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
-"""
 # The same imports and checkpoint opening as the conversion, nothing converted.
 BASELINE = """
 import sys
@@ -42,14 +36,6 @@ onnx_export.export_onnx(sys.argv[1], sys.argv[2], quant=sys.argv[3])
 MAX_GROWTH = 0.45
 
 
-def _child_peak_mb(script: str, *args) -> float:
-    """Run `script` in a fresh interpreter and return its peak RSS in MB."""
-    done = subprocess.run([sys.executable, "-c", script + REPORT, *map(str, args)], check=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = [ln for ln in done.stdout.splitlines() if ln.startswith("PEAK_KB")][-1]
-    return int(line.split()[1]) / 1024
-
-
 @pytest.fixture(scope="module")
 def big_checkpoint(tmp_path_factory):
     from huatuo_lite.convert.tiny import make_tiny
@@ -59,7 +45,7 @@ def big_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline_mb(big_checkpoint):
-    return _child_peak_mb(BASELINE, big_checkpoint)
+    return child_peak_mb(BASELINE, big_checkpoint)
 
 
 def _decoder_fp32_mb(src) -> float:
@@ -81,7 +67,7 @@ def test_text_export_peak_rss_is_far_below_model_size(quant, big_checkpoint, bas
     fp32_mb = _decoder_fp32_mb(big_checkpoint)
     assert len(shards) >= 4 and fp32_mb > 300
     out = tmp_path / "out"
-    peak = _child_peak_mb(CONVERT, big_checkpoint, out, quant)
+    peak = child_peak_mb(CONVERT, big_checkpoint, out, quant)
     growth = peak - baseline_mb
     written = sum(p.stat().st_size for p in out.iterdir()) / 2**20
     print(f"{quant}: decoder {fp32_mb:.0f} MB in float32, {len(shards)} shards; wrote {written:.0f} MB; "
