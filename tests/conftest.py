@@ -43,3 +43,28 @@ def tiny_34b(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_7b_hf(tmp_path_factory):
     return _tiny(tmp_path_factory, "7b-hf")
+
+
+# The torch reference engines, opened once per session and shared by every
+# backend's comparison tests.
+def _reference(src):
+    from huatuo_lite.backends import load_backend
+
+    engine = load_backend("torch").open_engine(src, threads=1)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def torch_7b(tiny_7b):
+    yield from _reference(tiny_7b)
+
+
+@pytest.fixture(scope="session")
+def torch_34b(tiny_34b):
+    yield from _reference(tiny_34b)
+
+
+@pytest.fixture(scope="session")
+def torch_7b_hf(tiny_7b_hf):
+    yield from _reference(tiny_7b_hf)

@@ -19,7 +19,7 @@ from huatuo_lite.backends import load_backend  # noqa: E402
 from huatuo_lite.prompt import Turn, build_segments  # noqa: E402
 
 __all__ = ["gguf_7b_f32", "gguf_34b_f32", "gguf_7b_hf_f32", "gguf_7b_f16", "gguf_7b_q8_0", "gguf_7b_q4_k_m",
-           "torch_7b", "torch_34b", "torch_7b_hf", "open_gguf", "gguf_segments", "random_pixels", "QUESTIONS"]
+           "open_gguf", "gguf_segments", "random_pixels", "QUESTIONS"]
 
 QUESTIONS = (
     "What abnormality is seen in this chest X-ray?",
@@ -64,27 +64,6 @@ def gguf_7b_q8_0(tiny_7b, tmp_path_factory):
 @pytest.fixture(scope="session")
 def gguf_7b_q4_k_m(tiny_7b, tmp_path_factory):
     return _convert(tiny_7b, tmp_path_factory, "7b", "Q4_K_M", vision_onnx=False)
-
-
-def _torch(src):
-    engine = load_backend("torch").open_engine(src, threads=1)
-    yield engine
-    engine.close()
-
-
-@pytest.fixture(scope="session")
-def torch_7b(tiny_7b):
-    yield from _torch(tiny_7b)
-
-
-@pytest.fixture(scope="session")
-def torch_34b(tiny_34b):
-    yield from _torch(tiny_34b)
-
-
-@pytest.fixture(scope="session")
-def torch_7b_hf(tiny_7b_hf):
-    yield from _torch(tiny_7b_hf)
 
 
 def open_gguf(folder, **options):

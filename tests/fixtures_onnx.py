@@ -68,17 +68,14 @@ def onnx_7b_fp16(tiny_7b, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ref_7b(tiny_7b):
-    engine = load_backend("torch").open_engine(tiny_7b, threads=1)
-    yield engine
-    engine.close()
+def ref_7b(torch_7b):
+    """The torch reference engine (one per session, shared with the GGUF tests)."""
+    return torch_7b
 
 
 @pytest.fixture(scope="session")
-def ref_34b(tiny_34b):
-    engine = load_backend("torch").open_engine(tiny_34b, threads=1)
-    yield engine
-    engine.close()
+def ref_34b(torch_34b):
+    return torch_34b
 
 
 def open_onnx(folder):
