@@ -4,6 +4,12 @@ llama-bench gives prefill (pp, `-p`) and decode (tg, `-n`) tokens/s on the text 
 llama-mtmd-cli, given the mmproj and an image, gives the whole first answer's timings
 (image encode, prompt eval of image + text, decode), i.e. its time to first token.
 Both come from huatuo_lite.native (build/bin); when absent the rows are skipped.
+
+Like for like: decode runs at the depth our rows decoded at (`-d` = their prompt tokens:
+attention over ~600 cached positions costs ~20% of a small model's step; tg at depth 0
+flattered stock by that much), and with the attention settings our context uses
+(huatuo_lite.backends.gguf_native.new_context: unquantized GGUFs run exact, F32 KV cache
+and no flash attention; quantized ones llama.cpp's defaults). The arguments go in the row.
 """
 from __future__ import annotations
 
@@ -17,6 +23,12 @@ from huatuo_lite.errors import HuatuoError
 
 MTMD_TRIES = 2                 # this build's mtmd-cli usually loses its perf lines: retry once
 PROMPT_TOKENS = 576           # one image's tokens: the prefill a first question pays
+# our exact mode (gguf_native.new_context(exact=True): F32 KV cache, flash attention off) in
+# each tool's flags. llama-bench parses no f32 cache type (its ggml_type_from_name knows f16,
+# bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl), so its K/V stay F16: at depth 598 on the small
+# shape that is 7 MB less to read per token than ours (24 layers x K,V x 598 x 128 x 2 bytes).
+EXACT_ARGS = {"llama-mtmd-cli": ("-fa", "off", "-ctk", "f32", "-ctv", "f32"),
+              "llama-bench": ("-fa", "off")}
 # llama-mtmd-cli / llama_perf lines (milliseconds)
 MTMD_PATTERNS = {
     "image_encode_ms": re.compile(r"(?:image slice encoded in|mtmd batch encoding done in)\s+([\d.]+)\s*ms"),
@@ -31,19 +43,36 @@ def tools() -> dict:
     return {name: native.find_tool(name, required=False) for name in ("llama-bench", "llama-mtmd-cli")}
 
 
+def attention_args(quant: str | None, tool: str) -> list:
+    """`tool`'s flags matching the attention settings of our context for this quant: exact
+    mode (EXACT_ARGS) for unquantized GGUFs, llama.cpp's defaults (none) for quantized ones."""
+    from huatuo_lite.backends.gguf import EXACT_QUANTS
+
+    return list(EXACT_ARGS[tool]) if str(quant).upper() in EXACT_QUANTS else []
+
+
+def bench_args(text_gguf: Path, quant: str | None, threads: int, repeat: int, prompt_tokens: int,
+               new_tokens: int, depth: int) -> dict:
+    """{'prefill': args, 'decode': args} of the two llama-bench invocations: pp of
+    prompt_tokens from an empty cache; tg of new_tokens after `depth` cached tokens."""
+    common = ["-t", threads, "-r", max(1, repeat), *attention_args(quant, "llama-bench"), "-o", "json"]
+    return {"prefill": ["-m", text_gguf, "-p", prompt_tokens, "-n", 0, *common],
+            "decode": ["-m", text_gguf, "-p", 0, "-n", new_tokens, "-d", depth, *common]}
+
+
 def llama_bench(text_gguf: Path, threads: int, new_tokens: int, repeat: int,
-                prompt_tokens: int = PROMPT_TOKENS) -> dict:
-    """{'prefill_tokens_per_s', 'decode_tokens_per_s'} of llama-bench (its mean of `repeat` runs).
-    pp and tg run as two invocations: in one `-p 576 -n 64` run here tg64 came out at 0.9 tok/s
-    where a tg-only run gave 47 on the same file minutes apart."""
-    result = {}
-    for key, p, n in (("prefill_tokens_per_s", prompt_tokens, 0), ("decode_tokens_per_s", 0, new_tokens)):
-        args = ["-m", text_gguf, "-p", p, "-n", n, "-t", threads, "-r", max(1, repeat), "-o", "json"]
+                prompt_tokens: int = PROMPT_TOKENS, quant: str | None = None, depth: int = 0) -> dict:
+    """{'prefill_tokens_per_s', 'decode_tokens_per_s', 'llama_bench_args'} of llama-bench (its
+    mean of `repeat` runs). pp and tg run as two invocations: in one `-p 576 -n 64` run here
+    tg64 came out at 0.9 tok/s where a tg-only run gave 47 on the same file minutes apart."""
+    invocations = bench_args(text_gguf, quant, threads, repeat, prompt_tokens, new_tokens, depth)
+    result = {"llama_bench_args": {phase: " ".join(map(str, args)) for phase, args in invocations.items()}}
+    for phase, args in invocations.items():
         records = json.loads(_text(native.run_tool("llama-bench", args, timeout=3600).stdout))
         if len(records) != 1:
             raise HuatuoError(f"llama-bench printed {len(records)} results for one test on {text_gguf.name}; "
                               "run it by hand to see why.")
-        result[key] = float(records[0]["avg_ts"])
+        result[f"{phase}_tokens_per_s"] = float(records[0]["avg_ts"])
     return result
 
 
@@ -66,14 +95,15 @@ def parse_mtmd_log(text: str) -> dict:
 
 
 def mtmd_first_answer(text_gguf: Path, mmproj: Path, image: Path, question: str, threads: int,
-                      new_tokens: int) -> dict:
+                      new_tokens: int, quant: str | None = None) -> dict:
     """One greedy first answer by llama-mtmd-cli; its timings (see parse_mtmd_log)."""
     from huatuo_lite.convert.gguf_text import MTMD_MARKER
     from huatuo_lite.family import IMAGE_LINE, IMAGE_PLACEHOLDER
 
     prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) + question
     args = ["-m", text_gguf, "--mmproj", mmproj, "--image", image, "-p", prompt, "--temp", "0",
-            "-n", new_tokens, "-t", threads, "--jinja", "--no-warmup", "-c", 4096, "--seed", 0]
+            "-n", new_tokens, "-t", threads, "--jinja", "--no-warmup", "-c", 4096, "--seed", 0,
+            "--ignore-eos", *attention_args(quant, "llama-mtmd-cli")]
     for _ in range(MTMD_TRIES):     # its async logger can drop the last lines (the timings) at exit
         done = native.run_tool("llama-mtmd-cli", args, timeout=3600)
         log = _text(done.stderr) + "\n" + _text(done.stdout)
@@ -89,9 +119,11 @@ def _text(data) -> str:
 
 def stock_rows(gguf_targets: list, images: list, question: str, threads: int, new_tokens: int,
                repeat: int, prompt_tokens: int = PROMPT_TOKENS, mtmd: bool = True) -> tuple[list[dict], list[str]]:
-    """One 'llama.cpp <quant>' row per GGUF target; notes for what could not run. Prefill and
-    decode are llama-bench's; TTFT is llama-mtmd-cli's (image encode + prompt eval), or, when
-    its log lost the perf lines, its image encode + prompt_tokens at llama-bench's prefill rate."""
+    """One 'llama.cpp <quant>' row per GGUF target; notes for what could not run. Prefill (of
+    prompt_tokens) and decode (after prompt_tokens cached, like ours) are llama-bench's; TTFT is
+    llama-mtmd-cli's (image encode + prompt eval), or, when its log lost the perf lines, its
+    image encode + prompt_tokens at llama-bench's prefill rate. mtmd-cli gets the same
+    attention settings (attention_args)."""
     from profiles import text_gguf
 
     found, rows, notes = tools(), [], []
@@ -99,9 +131,10 @@ def stock_rows(gguf_targets: list, images: list, question: str, threads: int, ne
         return [], [f"stock llama.cpp rows skipped: llama-bench was not found ({native.BUILD_HINT})."]
     for target in gguf_targets:
         row = {"label": f"llama.cpp {target.quant}", "backend": "llama.cpp", "quant": target.quant,
-               "folder": str(target.folder)}
+               "folder": str(target.folder), "decode_depth": prompt_tokens}
         try:
-            row.update(llama_bench(text_gguf(target.folder), threads, new_tokens, repeat))
+            row.update(llama_bench(text_gguf(target.folder), threads, new_tokens, repeat, prompt_tokens,
+                                   quant=target.quant, depth=prompt_tokens))
         except (HuatuoError, ValueError, KeyError) as exc:   # one broken peer row must not end the run
             notes.append(f"{row['label']}: {type(exc).__name__}: {exc}")
             continue
@@ -118,18 +151,21 @@ def stock_rows(gguf_targets: list, images: list, question: str, threads: int, ne
 
 
 def _mtmd_median(target, images, question, threads, new_tokens) -> dict:
-    """Median over the images of mtmd-cli's figures; prefill and decode rates stay llama-bench's
-    (EOS can end a random model's answer early, llama-bench always runs n tokens)."""
+    """Median over the images of mtmd-cli's figures; the row's prefill and decode rates stay
+    llama-bench's. mtmd-cli's own decode rate (EOS ignored, right after its prompt, with all of
+    our exact-mode flags) is kept beside them as mtmd_decode_tokens_per_s."""
     from huatuo_lite.manifest import read_manifest
     from profiles import text_gguf
 
     files = read_manifest(target.folder)["files"]
     mmproj = target.folder / next(name for name, entry in files.items() if entry["role"] == "mmproj")
-    runs = [mtmd_first_answer(text_gguf(target.folder), mmproj, image, question, threads, new_tokens)
-            for image in images]
-    result = {}
-    for key in ("image_encode_s", "prefill_s", "time_to_first_token_s"):
+    runs = [mtmd_first_answer(text_gguf(target.folder), mmproj, image, question, threads, new_tokens,
+                              target.quant) for image in images]
+    result = {"mtmd_attention_args": " ".join(attention_args(target.quant, "llama-mtmd-cli"))}
+    for key, name in (("image_encode_s", "image_encode_s"), ("prefill_s", "prefill_s"),
+                      ("time_to_first_token_s", "time_to_first_token_s"),
+                      ("decode_tokens_per_s", "mtmd_decode_tokens_per_s")):
         values = [run[key] for run in runs if key in run]
         if values:
-            result[key] = statistics.median(values)
+            result[name] = statistics.median(values)
     return result
