@@ -27,7 +27,7 @@ from huatuo_lite.family import IMAGE_SIZE, PATCH_SIZE, VARIANTS
 from .checkpoint import to_hf_name
 from .tiny_configs import (VIT_SUBDIR, clip_config, generation_config, hf_config,
                            llava_config, preprocessor_config)
-from .tiny_weights import canonical_tensors, clip_tensors
+from .tiny_weights import canonical_spec, clip_tensors, iter_canonical, spec_nbytes
 from .tokenizers_tiny import build_qwen2_tokenizer, build_yi_tokenizer
 
 # The -hf conversion adds <image> right after Qwen2's three specials (151646).
@@ -96,9 +96,8 @@ def _build_7b(root: Path, sizes: TinySizes, seed: int) -> None:
     tok = build_qwen2_tokenizer(root)
     eos = tok.special_ids["<|endoftext|>"]
     rows = _rows(sizes, tok.size, embedding_rows(tok.size))
-    tensors = canonical_tensors(sizes, "qwen2", rows, seed)
     _write_config(root, llava_config("7b", sizes, rows, bos=eos, eos=eos, pad=None))
-    _write_shards(root, tensors, sizes.num_shards)
+    _write_canonical(root, sizes, "qwen2", rows, seed)
     _write_vit(root, sizes, seed)
 
 
@@ -107,10 +106,9 @@ def _build_34b(root: Path, sizes: TinySizes, seed: int) -> None:
     ids = tok.special_ids
     # Yi: rows == tokenizer size (64000 both upstream).
     rows = _rows(sizes, tok.size, tok.size)
-    tensors = canonical_tensors(sizes, "llama", rows, seed)
     _write_config(root, llava_config("34b", sizes, rows, bos=ids["<|startoftext|>"],
                                      eos=ids["<|endoftext|>"], pad=ids["<unk>"]))
-    _write_shards(root, tensors, sizes.num_shards)
+    _write_canonical(root, sizes, "llama", rows, seed)
     _write_vit(root, sizes, seed)
 
 
@@ -122,11 +120,9 @@ def _build_7b_hf(root: Path, sizes: TinySizes, seed: int) -> None:
     image_id = tok.special_ids[HF_IMAGE_TOKEN]
     if image_id >= rows:   # cannot happen with the defaults; never write a broken folder
         raise HuatuoError(f"The <image> token id {image_id} does not fit {rows} embedding rows.")
-    tensors = canonical_tensors(sizes, "qwen2", rows, seed)
-    hf = {to_hf_name(name): t for name, t in tensors.items()}
     _write_config(root, hf_config(sizes, rows, bos=eos, eos=eos, image_token_id=image_id))
     _write_json(root / "preprocessor_config.json", preprocessor_config(sizes.image_size))
-    _write_shards(root, hf, sizes.num_shards)
+    _write_canonical(root, sizes, "qwen2", rows, seed, rename=to_hf_name)
 
 
 VARIANT_BUILDERS = {"7b": _build_7b, "34b": _build_34b, "7b-hf": _build_7b_hf}
@@ -142,39 +138,50 @@ def _write_config(root: Path, config: dict) -> None:
     _write_json(root / "generation_config.json", generation_config(config))
 
 
-def _split_shards(tensors: dict, num_shards: int) -> list:
-    """Consecutive groups of about equal bytes, in state-dict order (as
-    transformers' save_pretrained does with max_shard_size)."""
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    target = total / num_shards
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > target and len(shards) < num_shards - 1:
+def _plan_shards(nbytes: dict, num_shards: int) -> list:
+    """Consecutive groups of names of about equal bytes, in state-dict order (as
+    transformers' save_pretrained does with max_shard_size). Planned from the sizes alone,
+    before any tensor is drawn."""
+    target = sum(nbytes.values()) / num_shards
+    shards, current, size = [], [], 0
+    for name, n in nbytes.items():
+        if current and size + n > target and len(shards) < num_shards - 1:
             shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
+            current, size = [], 0
+        current.append(name)
+        size += n
     shards.append(current)
     return shards
 
 
-def _write_shards(root: Path, tensors: dict, num_shards: int) -> None:
-    """model-0000i-of-0000n.safetensors + model.safetensors.index.json."""
+def _write_canonical(root: Path, sizes: TinySizes, arch: str, rows: int, seed: int, rename=None) -> None:
+    """The decoder + vision + projector weights as bf16 shards, drawn shard by shard (a 7B
+    shape is 15 GB: only one shard's tensors are ever in memory). rename: canonical ->
+    stored name (the -hf layout); order and random stream are the same either way."""
+    rename = rename or (lambda name: name)
+    nbytes = {rename(name): n for name, n in spec_nbytes(canonical_spec(sizes, arch, rows)).items()}
+    tensors = ((rename(name), t) for name, t in iter_canonical(sizes, arch, rows, seed))
+    _write_shards(root, tensors, nbytes, sizes.num_shards)
+
+
+def _write_shards(root: Path, tensors, nbytes: dict, num_shards: int) -> None:
+    """model-0000i-of-0000n.safetensors + model.safetensors.index.json. tensors: (name,
+    tensor) pairs in nbytes' order, consumed lazily; each shard is saved and dropped before
+    the next one is drawn."""
     from safetensors.torch import save_file
 
-    shards = _split_shards(tensors, max(2, num_shards))
-    n = len(shards)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(root / fname),
-                  metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
+    plan = _plan_shards(nbytes, max(2, num_shards))
+    stream, weight_map = iter(tensors), {}
+    for i, names in enumerate(plan, start=1):
+        fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
+        shard = dict(next(stream) for _ in names)
+        if list(shard) != names:       # the plan and the draw order come from the same spec
+            raise RuntimeError(f"tiny shard {fname}: tensors arrived out of the planned order")
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(root / fname), metadata={"format": "pt"})
+        del shard
+        weight_map.update(dict.fromkeys(names, fname))
     _write_json(root / "model.safetensors.index.json",
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+                {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(weight_map.items()))})
 
 
 def _write_vit(root: Path, sizes: TinySizes, seed: int) -> None:

@@ -6,6 +6,8 @@ backend. Drawn in upstream state-dict order from one seeded generator.
 """
 from __future__ import annotations
 
+import math
+
 from .checkpoint import PROJECTOR_PREFIX, VISION_PREFIX
 
 STD = 0.02
@@ -15,16 +17,24 @@ VIT_STREAM = 7919     # offset of the generator seed for the vit/ "original CLIP
 def _draw(gen, shape, kind):
     import torch
 
-    noise = torch.randn(shape, generator=gen, dtype=torch.float32) * STD
-    return noise + 1.0 if kind == "norm" else noise
+    # in place: one fp32 buffer per draw (a 7B embedding is 2.2 GB in fp32), same values as out of place
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(STD)
+    return noise.add_(1.0) if kind == "norm" else noise
 
 
 def _fill(spec: list, seed: int, dtype) -> dict:
     """[(name, shape, kind)] -> {name: tensor} drawn in list order."""
+    return dict(iter_fill(spec, seed, dtype))
+
+
+def iter_fill(spec: list, seed: int, dtype):
+    """(name, tensor) in list order, one at a time: a caller that saves and drops them as they
+    come (make_tiny's shard writer) never holds more than one shard. Same stream as _fill."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    return {name: _draw(gen, shape, kind).to(dtype) for name, shape, kind in spec}
+    for name, shape, kind in spec:
+        yield name, _draw(gen, shape, kind).to(dtype)
 
 
 def _linear(prefix: str, out_f: int, in_f: int, bias: bool = True) -> list:
@@ -93,11 +103,25 @@ def canonical_spec(s, arch: str, rows: int) -> list:
     return spec + [("lm_head.weight", (rows, h), "w")]
 
 
+CANONICAL_DTYPE_BYTES = 2     # bf16, like the upstream shards
+
+
 def canonical_tensors(s, arch: str, rows: int, seed: int) -> dict:
-    """{canonical name: bf16 tensor} for a whole tiny model."""
+    """{canonical name: bf16 tensor} for a whole tiny model (all in memory: tests only;
+    make_tiny streams the same tensors with iter_canonical)."""
+    return dict(iter_canonical(s, arch, rows, seed))
+
+
+def iter_canonical(s, arch: str, rows: int, seed: int):
+    """(canonical name, bf16 tensor) one at a time, in state-dict order."""
     import torch
 
-    return _fill(canonical_spec(s, arch, rows), seed, torch.bfloat16)
+    return iter_fill(canonical_spec(s, arch, rows), seed, torch.bfloat16)
+
+
+def spec_nbytes(spec: list, dtype_bytes: int = CANONICAL_DTYPE_BYTES) -> dict:
+    """{name: bytes} of a spec's tensors, known before any is drawn (to plan the shards)."""
+    return {name: math.prod(shape) * dtype_bytes for name, shape, _ in spec}
 
 
 def clip_tensors(s, text_config: dict, seed: int) -> dict:
