@@ -35,24 +35,30 @@ class Profile:
     onnx_quants: tuple = ONNX_QUANTS
     skip_by_default: tuple = ()      # rows run only when named with --only
     onnx_direct: bool = False        # export each ONNX quant from the checkpoint (no fp32 copy on disk)
-    disk_gb: float = 1.0             # what its default rows' folders take, checked before building
+    checkpoint_gb: float = 0.1       # disk the checkpoint takes
+    row_gb: dict | None = None       # label -> disk its build needs at its peak (temporaries included)
 
 
 PROFILES = {p.name: p for p in (
     Profile("tiny", {}, "convert/tiny.py's default sizes (2 layers, 256 wide): seconds, for the smoke test",
-            new_tokens=8, disk_gb=0.2),
+            new_tokens=8),
     # Qwen2-0.5B: hidden 896, 14 heads of 64, 2 KV heads, SwiGLU 4864, 24 layers, 151936 rows.
     Profile("small", dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                           num_kv_heads=2, vocab_rows=151936, **CLIP_L_336),
             "Qwen2-0.5B-shaped decoder + CLIP ViT-L/14-336 (~0.63B text + 0.3B vision parameters)",
-            disk_gb=20),
+            checkpoint_gb=3, row_gb={"gguf F16": 3, "gguf Q8_0": 2.5, "gguf Q4_K_M": 3.5,   # K-quant: + BF16 intermediate
+                                     "onnx fp32": 3.5, "onnx int8": 2, "onnx int4": 1.5}),
     # Qwen2-7B: hidden 3584, 28 heads of 128, 4 KV heads, SwiGLU 18944, 28 layers, 152064 rows.
     Profile("7b", dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                        num_kv_heads=4, vocab_rows=152064, num_shards=8, **CLIP_L_336),
             "Qwen2-7B-shaped decoder + CLIP ViT-L/14-336 (manual: a 16 GB bf16 checkpoint, ~50 GB of "
             "converted files, hours on two cores)",
             # fp32 torch needs ~31 GB of RAM and ONNX fp32 another 30 GB of disk: only on request.
-            skip_by_default=("torch fp32", "onnx fp32"), onnx_direct=True, disk_gb=60),
+            skip_by_default=("torch fp32", "onnx fp32"), onnx_direct=True,
+            # 15.2 GB bf16 text + vision + the fp32 vit/ copy; a K-quant's build also holds a 15.2 GB
+            # BF16 intermediate beside its ~4.7 GB output and the 0.6 GB mmproj.
+            checkpoint_gb=17, row_gb={"gguf F16": 16, "gguf Q8_0": 9, "gguf Q4_K_M": 21,
+                                      "onnx fp32": 31, "onnx int8": 9, "onnx int4": 5}),
 )}
 
 
@@ -105,15 +111,22 @@ def build(log: dict, key: str, converter: str, *args, **kwargs) -> None:
     print(f"  built {key} in {log[key]['seconds']:.1f} s, peak RSS {peak:.0f} MB", flush=True)
 
 
-def _check_disk(profile: Profile, root: Path) -> None:
-    """Refuse to start a build that cannot fit (only before the first build of a profile)."""
-    if (root / "ckpt" / "config.json").is_file():
-        return
+def disk_needed_gb(profile: Profile, root: Path, labels: list[str]) -> float:
+    """Disk the chosen rows still need: the checkpoint unless built, each unbuilt row's folder."""
+    rows = profile.row_gb or {}
+    need = 0.0 if (root / "ckpt" / "config.json").is_file() else profile.checkpoint_gb
+    return need + sum(rows.get(label, 0.0) for label in labels
+                      if not label.startswith("torch") and not _done(root / label.replace(" ", "-")))
+
+
+def _check_disk(profile: Profile, root: Path, labels: list[str]) -> None:
+    """Refuse to start builds that cannot fit."""
     root.mkdir(parents=True, exist_ok=True)
-    free_gb = shutil.disk_usage(root).free / 1e9
-    if free_gb < profile.disk_gb:
-        raise HuatuoError(f"The {profile.name} profile needs about {profile.disk_gb:.0f} GB free in {root}, "
-                          f"which has {free_gb:.0f} GB: free space or pass another --work folder.")
+    need_gb, free_gb = disk_needed_gb(profile, root, labels), shutil.disk_usage(root).free / 1e9
+    if free_gb < need_gb:
+        raise HuatuoError(f"The {profile.name} profile's rows {', '.join(labels)} need about {need_gb:.0f} GB "
+                          f"free in {root}, which has {free_gb:.0f} GB: free space, choose rows with --only "
+                          "or pass another --work folder.")
 
 
 def prepare(profile: Profile, work: Path, labels: list[str], threads: int) -> tuple[list[Target], dict]:
@@ -121,7 +134,7 @@ def prepare(profile: Profile, work: Path, labels: list[str], threads: int) -> tu
     Returns the targets in table order and {what: {seconds, peak_rss_mb}} for what was built now."""
     root, built = Path(work) / profile.name, {}
     ckpt = root / "ckpt"
-    _check_disk(profile, root)
+    _check_disk(profile, root, labels)
     if not (ckpt / "config.json").is_file():
         build(built, "checkpoint", "make_tiny", ckpt, variant="7b", seed=0, **profile.sizes)
     targets = []

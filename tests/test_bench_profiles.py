@@ -1,0 +1,35 @@
+"""bench/profiles.py's disk check counts what the chosen rows still need to build, so a
+7b run of one row is not refused for the space of rows it will not build."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import profiles  # noqa: E402
+from huatuo_lite.errors import HuatuoError  # noqa: E402
+
+
+def test_disk_needed_counts_only_unbuilt_chosen_rows(tmp_path):
+    profile = profiles.get_profile("7b")
+    one = ["gguf Q4_K_M"]
+    assert profiles.disk_needed_gb(profile, tmp_path, one) == pytest.approx(17 + 21)
+    assert profiles.disk_needed_gb(profile, tmp_path, profiles.default_labels(profile)) == \
+        pytest.approx(17 + 16 + 9 + 21 + 9 + 5)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    assert profiles.disk_needed_gb(profile, tmp_path, one + ["torch fp32"]) == pytest.approx(21)
+    (tmp_path / "gguf-Q4_K_M").mkdir()
+    (tmp_path / "gguf-Q4_K_M" / "manifest.json").write_text("{}")
+    assert profiles.disk_needed_gb(profile, tmp_path, one) == 0
+
+
+def test_check_refuses_when_the_rows_do_not_fit(tmp_path, monkeypatch):
+    profile = profiles.get_profile("7b")
+    monkeypatch.setattr(profiles.shutil, "disk_usage", lambda _: type("U", (), {"free": 30e9})())
+    with pytest.raises(HuatuoError, match="need about 38 GB"):
+        profiles._check_disk(profile, tmp_path, ["gguf Q4_K_M"])
+    profiles._check_disk(profile, tmp_path, ["onnx int4"])          # 17 + 5 GB fits in 30
