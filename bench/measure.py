@@ -7,7 +7,8 @@ Loads the model through the public API (`huatuo_lite.load`), then for each image
 (one per repeat, so no repeat finds the previous one's features or KV prefix):
 asks a first question (image encode + full prefill + greedy decode) and a
 follow-up on the same image (feature cache + KV prefix reuse). The last stdout
-line is one JSON object: load_s, peak_rss_mb and per-question lists of timings.
+line is one JSON object: load_s, peak_rss_mb (VmHWM), peak_anon_mb / peak_file_mb
+(sampled: memory owned vs mmapped file pages) and per-question lists of timings.
 """
 from __future__ import annotations
 
@@ -39,6 +40,45 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakSampler:
+    """Peak anonymous and file-backed resident memory, sampled from /proc every `every` s
+    in a daemon thread. VmHWM counts the pages of mmapped files (llama.cpp's weights, its
+    quantizer's input) that the kernel may drop at any time; RssAnon is memory the process
+    really owns. Use as a context manager; .peaks() -> {'peak_anon_mb', 'peak_file_mb'}."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+
+        self.every, self.anon, self.file = every, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            fields = dict(line.split(":", 1) for line in open("/proc/self/status", encoding="ascii"))
+        except OSError:
+            return
+        if "RssAnon" in fields:
+            self.anon = max(self.anon, int(fields["RssAnon"].split()[0]) / 1024)
+            self.file = max(self.file, int(fields["RssFile"].split()[0]) / 1024)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def peaks(self) -> dict:
+        return {"peak_anon_mb": round(self.anon), "peak_file_mb": round(self.file)}
 
 
 class NoEos:
@@ -86,7 +126,9 @@ def measure(spec: dict) -> dict:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     limit_threads(spec["threads"])
-    result = measure(spec)
+    with PeakSampler() as sampler:
+        result = measure(spec)
+    result.update(sampler.peaks())
     sys.stdout.write("\n" + json.dumps(result) + "\n")
 
 

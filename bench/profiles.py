@@ -106,9 +106,11 @@ def build(log: dict, key: str, converter: str, *args, **kwargs) -> None:
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-4:])
         raise HuatuoError(f"Building {key} failed ({converter}); its last lines say:\n{tail}")
-    peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-    log[key] = {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak)}
-    print(f"  built {key} in {log[key]['seconds']:.1f} s, peak RSS {peak:.0f} MB", flush=True)
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    log[key] = {"seconds": round(time.perf_counter() - t0, 2), **peaks, "peak_rss_mb": round(peaks["peak_rss_mb"])}
+    print(f"  built {key} in {log[key]['seconds']:.1f} s, peak RSS {peaks['peak_rss_mb']:.0f} MB "
+          f"(anonymous {peaks.get('peak_anon_mb', float('nan')):.0f} MB, mmapped files "
+          f"{peaks.get('peak_file_mb', float('nan')):.0f} MB)", flush=True)
 
 
 def disk_needed_gb(profile: Profile, root: Path, labels: list[str]) -> float:
@@ -167,14 +169,17 @@ def text_gguf(folder: Path) -> Path:
 
 
 def _child(spec: dict) -> None:
-    """Entry of a build process: run the converter, print {"peak_rss_mb": VmHWM}."""
+    """Entry of a build process: run the converter, print {"peak_rss_mb": VmHWM, "peak_anon_mb",
+    "peak_file_mb"} (VmHWM includes mmapped input files, e.g. llama.cpp's quantizer maps its
+    whole intermediate; the sampled anonymous peak is what the conversion itself holds)."""
     import importlib
 
-    from measure import peak_rss_mb
+    from measure import PeakSampler, peak_rss_mb
 
     module, function = CONVERTERS[spec["converter"]].split(":")
-    getattr(importlib.import_module(module), function)(*spec["args"], **spec["kwargs"])
-    sys.stdout.write("\n" + json.dumps({"peak_rss_mb": peak_rss_mb()}) + "\n")
+    with PeakSampler() as sampler:
+        getattr(importlib.import_module(module), function)(*spec["args"], **spec["kwargs"])
+    sys.stdout.write("\n" + json.dumps({"peak_rss_mb": peak_rss_mb(), **sampler.peaks()}) + "\n")
 
 
 if __name__ == "__main__":

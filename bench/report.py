@@ -38,7 +38,8 @@ def summarize(measured: dict) -> dict:
     row["follow_up_reused_positions"] = follow[-1].get("reused_positions")
     row["completion_tokens"] = first[-1]["completion_tokens"]
     row["token_ids"] = first[0]["token_ids"]          # greedy answer to the first image (agreement check)
-    row.update(load_s=measured["load_s"], peak_rss_mb=measured["peak_rss_mb"], repeats=len(first))
+    row.update(load_s=measured["load_s"], peak_rss_mb=measured["peak_rss_mb"], repeats=len(first),
+               peak_anon_mb=measured.get("peak_anon_mb"), peak_file_mb=measured.get("peak_file_mb"))
     return row
 
 
@@ -114,6 +115,9 @@ def render(result: dict) -> str:
             ""]
     tail = [""] + [f"- {line}" for line in comparisons(result["rows"])]
     tail += [f"- built {what} in {b['seconds']:.0f} s, peak RSS {b['peak_rss_mb']} MB"
+             + (f" (anonymous {b['peak_anon_mb']} MB, mmapped files {b['peak_file_mb']} MB)" if "peak_anon_mb" in b else "")
              for what, b in result.get("built_s", {}).items()]
+    tail += [f"- {row['label']}: peak RSS {row['peak_rss_mb']:.0f} MB = anonymous up to {row['peak_anon_mb']} MB"
+             f" + mmapped files up to {row['peak_file_mb']} MB" for row in result["rows"] if row.get("peak_anon_mb")]
     tail += [f"- note: {note}" for note in result["notes"]]
     return "\n".join(head) + markdown_table(result["rows"]) + "\n" + "\n".join(tail)
