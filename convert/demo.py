@@ -20,10 +20,10 @@ import shutil
 from pathlib import Path
 
 DEMO_SIZES = dict(hidden_size=256, intermediate_size=768, num_layers=2, num_heads=4, num_kv_heads=2,
-                  vision_hidden_size=256, vision_intermediate_size=512, vision_layers=2, vision_heads=4,
+                  vision_hidden_size=256, vision_intermediate_size=512, vision_layers=3, vision_heads=4,
                   num_shards=2)
-DEMO_TRAINING = dict(lr=2e-3, schedule="cosine", warmup_ratio=0.03, batch_size=8, weight_decay=0.0,
-                     train_vision=False)
+DEMO_TRAINING = dict(lr=1e-3, schedule="cosine", warmup_ratio=0.03, batch_size=8, weight_decay=0.0,
+                     train_vision=False, train_embeddings=False)
 LESION_MARKER = (255, 40, 0)     # a colour no drawn anatomy has: lesions are high-contrast
 DROPPED_KINDS = ("count",)       # counting 1-3 lesions is what a model this small does not learn here
 
@@ -67,11 +67,13 @@ def lettered_only(conversations: Path) -> Path:
 def build_demo(out_dir, n_train: int = 300, n_val: int = 20, n_test: int = 80, seed: int = 0,
                epochs: float = 2.0, max_steps: int | None = None, progress: bool = True,
                sizes: dict | None = None, letters_only: bool = True, designed: bool = True,
-               marker: tuple | None = LESION_MARKER, drop_kinds=DROPPED_KINDS, **training) -> dict:
+               marker: tuple | None = LESION_MARKER, drop_kinds=DROPPED_KINDS, init=None, **training) -> dict:
     """Build, train and evaluate the demo model under out_dir; returns
     {"model", "data", "train_loss", "steps", "seconds", "report"} (report:
     evaluate's dict). letters_only trains on the lettered-options conversations
-    alone; designed gives the model demo_init's tower and first attention layer."""
+    alone; designed gives the model demo_init's tower and first attention layer.
+    init: continue from this earlier demo model folder (same data and seed) instead of
+    a new checkpoint -- a second training stage."""
     from huatuo_lite.evaluate import run_eval
 
     from .demo_init import apply_designed_tower, designed_first_attention
@@ -83,10 +85,13 @@ def build_demo(out_dir, n_train: int = 300, n_val: int = 20, n_test: int = 80, s
     data = make_synthetic_set(out / "data", n_train, n_val, n_test, seed, lesion_marker=marker)
     for name in ("train_conversations", "val_conversations", "val_vqa", "test_vqa"):
         without_kinds(data[name], drop_kinds)
-    base = make_tiny(out / "base", variant="7b", seed=seed, **(sizes or DEMO_SIZES))
-    if designed:
-        apply_designed_tower(base)
-        designed_first_attention(base)
+    if init is not None:                 # a further stage from an earlier demo model
+        base = Path(init)
+    else:
+        base = make_tiny(out / "base", variant="7b", seed=seed, **(sizes or DEMO_SIZES))
+        if designed:
+            apply_designed_tower(base)
+            designed_first_attention(base)
     conversations = lettered_only(data["train_conversations"]) if letters_only else data["train_conversations"]
     result = train(conversations, base, out / "model", mode="full", seed=seed, epochs=epochs,
                    max_steps=max_steps, progress=progress, **{**DEMO_TRAINING, **training})
@@ -109,12 +114,13 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=DEMO_TRAINING["batch_size"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", help="continue from this earlier demo model folder (a second stage)")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     built = build_demo(args.out_dir, n_train=args.train, n_test=args.test, seed=args.seed, epochs=args.epochs,
-                       max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size)
+                       max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, init=args.init)
     total = built["report"]["total"]
     print(json.dumps({"model": str(built["model"]), "steps": built["steps"], "seconds": round(built["seconds"]),
                       "last_losses": built["train_loss"], "test_accuracy": total["accuracy"],

@@ -16,7 +16,9 @@ while the projector and language model train (as in upstream's stage 2):
 - every feature is written twice, as +f and -f, so each token's channel mean
   is zero and pre_layrnorm (weight 1, bias 0) only rescales;
 - every encoder layer is an exact identity: attention out_proj and mlp.fc2
-  (weights and biases) are zero, so each residual block adds nothing.
+  (weights and biases) are zero, so each residual block adds nothing -- except
+  layers 0 and 1 with readout=True, which demo_pooling designs to write a lesion
+  detector and global summaries (where, how much, which colours) into every token.
 
 The selected features (hidden_states[-2]) are then pre_layrnorm(patch + position)
 of each patch: what is where, which the trained projector and LLM read.
@@ -102,10 +104,11 @@ def designed_tower(state: dict, vision_hidden: int, patch: int, grid: int) -> di
     return out
 
 
-def apply_designed_tower(model_dir) -> int:
+def apply_designed_tower(model_dir, readout: bool = True) -> int:
     """Rewrite the embedded vision tower of an upstream-layout checkpoint folder in
     place (each shard written to a temporary name, then renamed); returns the count
-    of tensors replaced."""
+    of tensors replaced. readout: also demo_pooling's designed layers 0-1 (needs a
+    tower of 3 or more layers; the selected layer -2 is then layer 1's output)."""
     root = Path(model_dir)
     config = json.loads((root / "config.json").read_text())
     vision = _vision_sizes(root, config)
@@ -114,6 +117,11 @@ def apply_designed_tower(model_dir) -> int:
     tower = {name: t for shard in shards for name, t in load_file(root / shard).items() if name.startswith(TOWER)}
     new = designed_tower(tower, vision["hidden_size"], vision["patch_size"],
                          vision["image_size"] // vision["patch_size"])
+    if readout:                       # layers 0-1: marker detector + global summaries (demo_pooling)
+        from .demo_pooling import designed_readout
+
+        new.update(designed_readout({**tower, **new}, vision["hidden_size"], vision["intermediate_size"],
+                                    vision["num_attention_heads"]))
     for shard in shards:
         state = load_file(root / shard)
         temp = root / (shard + ".tmp")
@@ -124,10 +132,11 @@ def apply_designed_tower(model_dir) -> int:
 
 IMAGE_FLAG = -30.0        # projector output channel 0 of every image row (a constant "I am image" flag)
 SLOW_DIM = 31             # the head dim whose RoPE frequency is lowest: cos(delta * theta) ~ 1 at any distance
-TEXT_GAIN = 8.0           # q . k / sqrt(64) = flag channel after RMSNorm: ~ -15 on image rows, ~ +-1 on text
+TEXT_GAIN = 8.0           # query bias = sqrt(64): q . k / sqrt(64) = the key's SLOW_DIM value
+KEY_GAIN = 1.0            # key = flag channel after RMSNorm: ~ -15 on image rows, ~ N(0, 1) on text rows
 
 
-def designed_first_attention(model_dir, head_dim: int = 64, heads_per_kv: int = 2) -> int:
+def designed_first_attention(model_dir, head_dim: int = 64, heads_per_kv: int = 2, passthrough: bool = True) -> int:
     """The language model's first layer starts with two kinds of heads, in place:
 
     - kv group 0 (query heads 0, 1): a text reader. The projector's last bias puts
@@ -138,7 +147,8 @@ def designed_first_attention(model_dir, head_dim: int = 64, heads_per_kv: int = 
     - kv group 1 (query heads 2, 3): uniform (zero query): the average over the
       prefix, mostly the 576 image rows -- a pooled summary of the image.
 
-    All of q_proj's weight is zero at the start; training moves everything."""
+    All of q_proj's weight is zero at the start; training moves everything.
+    passthrough: the projector also starts as demo_pooling.projector_passthrough."""
     root = Path(model_dir)
     index = json.loads((root / "model.safetensors.index.json").read_text())["weight_map"]
     edits = {FIRST_QUERY + "weight": lambda t: torch.zeros_like(t),
@@ -147,6 +157,18 @@ def designed_first_attention(model_dir, head_dim: int = 64, heads_per_kv: int = 
              FIRST_KEY + "bias": lambda t: _zero_row(t, SLOW_DIM),
              PROJECTOR_OUT + "weight": lambda t: _zero_row(t, 0),
              PROJECTOR_OUT + "bias": lambda t: _set(t, 0, IMAGE_FLAG)}
+    if passthrough:                   # the summaries of demo_pooling reach the LM at full size
+        from .demo_pooling import projector_passthrough
+
+        from .demo_pooling import reader_values
+
+        names = [n for n in index if n.startswith("model.mm_projector.") or n.startswith("model.layers.0.self_attn.")]
+        current = {n: t for shard in sorted({index[n] for n in names}) for n, t in load_file(root / shard).items()
+                   if n in names}
+        designed = {**projector_passthrough(current), **reader_values(current, head_dim, heads_per_kv)}
+        for name, value in designed.items():
+            after = edits.get(name)
+            edits[name] = (lambda t, v=value, f=after: f(v.clone().to(t.dtype)) if f else v.clone().to(t.dtype))
     for shard in sorted({index[n] for n in edits}):
         state = load_file(root / shard)
         temp = root / (shard + ".tmp")
@@ -165,7 +187,7 @@ def _query_bias(bias, head_dim: int, heads_per_kv: int):
 
 def _key_weight(weight):                          # [kv_heads * head_dim, hidden]
     weight[SLOW_DIM].zero_()
-    weight[SLOW_DIM, 0] = TEXT_GAIN
+    weight[SLOW_DIM, 0] = KEY_GAIN          # (a gain of 8 here made each head pick one random word)
     return weight
 
 

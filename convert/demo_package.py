@@ -5,6 +5,8 @@
     onnx/         int8 decoder/embed + vision graph (export_onnx)
     eval/         the held-out test split in the upstream eval layout (eval.json + images/)
     FIDELITY.md   `huatuo-lite eval --compare reference,gguf:Q8_0,gguf:Q4_K_M,onnx:int8,onnx:int4`
+    MODEL_CARD.md what it is and is not, how it was built (demo_card: filled from the training
+                  log and the build's reference eval report, BUILD/eval-test/report.json)
 
 The Q4_K_M and int4 forms are built in a scratch folder for the comparison only.
 
@@ -17,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from huatuo_lite.errors import HuatuoError
 from huatuo_lite.fidelity import EVAL_SET, FIDELITY_CARD
 
 SHIPPED = {"gguf": ("gguf", "Q8_0"), "onnx": ("onnx", "int8")}        # folder -> (format, quant)
@@ -42,7 +45,21 @@ def _copy_checkpoint(model: Path, target: Path) -> None:
     shutil.copytree(model, target, ignore=ignore)
 
 
-def package_demo(model, dest, scratch=None, progress: bool = True, limit: int | None = None) -> list:
+def _write_model_card(model: Path, work: Path, demo_args: str) -> None:
+    from .demo_card import fill_card
+
+    report_path = model.parent / "eval-test" / "report.json"
+    if not report_path.is_file():
+        raise HuatuoError(f"{report_path} is missing: package a model built by `python -m "
+                          "huatuo_lite.convert.demo`, which evaluates it there.")
+    train_log = json.loads((model / "train_log.json").read_text(encoding="utf-8"))
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    card = fill_card(work / "checkpoint", train_log, report, demo_args)
+    (work / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+
+
+def package_demo(model, dest, scratch=None, progress: bool = True, limit: int | None = None,
+                 demo_args: str = "") -> list:
     """Write dest (which must not exist) from a trained demo model folder that holds
     its test split as EVAL_SET; returns the comparison's rows (fidelity.json).
     limit: compare on the first N questions only (a dry run)."""
@@ -63,6 +80,7 @@ def package_demo(model, dest, scratch=None, progress: bool = True, limit: int | 
     rows = compare(specs, work / "eval" / "eval.json", scratch / "compare", limit=limit, progress=progress)
     card = (scratch / "compare" / FIDELITY_CARD).read_text(encoding="utf-8")
     (work / FIDELITY_CARD).write_text(card.replace(f"{work.absolute()}/", ""), encoding="utf-8")
+    _write_model_card(model, work, demo_args)
     if dest.exists():
         shutil.rmtree(dest)
     work.rename(dest)
@@ -77,8 +95,9 @@ def main(argv=None) -> None:
     parser.add_argument("dest")
     parser.add_argument("--scratch")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--demo-args", default="", help="the arguments the model was built with (for the card)")
     args = parser.parse_args(argv)
-    rows = package_demo(args.model, args.dest, args.scratch, limit=args.limit)
+    rows = package_demo(args.model, args.dest, args.scratch, limit=args.limit, demo_args=args.demo_args)
     print(json.dumps(rows, indent=1)[:4000])
 
 

@@ -67,6 +67,8 @@ class TrainOptions:
     device: str = "auto"               # "cpu", "cuda", "auto"
     feature_cache: int = 256           # frozen vision tower: images whose features are kept
     train_vision: bool = True          # full mode: False keeps the vision tower frozen (upstream stage 2)
+    train_embeddings: bool = True      # False keeps the token embedding table frozen (Adam's scale-free
+                                       # steps otherwise rewrite N(0, 0.02) rows within ~20 steps)
     progress: bool = True
 
 
@@ -307,6 +309,8 @@ def _start_run(ckpt, mode: str, opts: TrainOptions, out: Path, steps: int) -> Ru
                                  opts.gradient_checkpointing)
     if not opts.train_vision:
         freeze_tower(llava)
+    if not opts.train_embeddings:
+        llava.get_input_embeddings().weight.requires_grad_(False)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer, num_training_steps=steps,

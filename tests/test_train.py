@@ -198,3 +198,17 @@ def test_resume_with_another_mode_is_refused(dataset, tiny_7b, tmp_path):
     run = _train(dataset, tiny_7b, tmp_path / "a", "align", max_steps=2, save_every=2)
     with pytest.raises(HuatuoError, match="resume it with the same --mode"):
         _train(dataset, tiny_7b, tmp_path / "b", "lora", max_steps=4, resume=str(run.checkpoints[0]))
+
+
+def test_full_training_can_keep_the_tower_and_token_embeddings_frozen(dataset, tiny_7b, tmp_path):
+    from huatuo_lite.convert.checkpoint import open_checkpoint
+
+    run = _train(dataset, tiny_7b, tmp_path / "out", "full", max_steps=3, train_vision=False,
+                 train_embeddings=False)
+    source, out = open_checkpoint(tiny_7b), open_checkpoint(run.model_dir)
+    embed = "model.embed_tokens.weight"
+    vision = "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(out.get(embed), source.get(embed))
+    assert torch.equal(out.get(vision), source.get(vision))
+    for trained_name in ("lm_head.weight", "model.layers.0.mlp.up_proj.weight", "model.mm_projector.0.weight"):
+        assert not torch.equal(out.get(trained_name), source.get(trained_name)), trained_name
