@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     parser.add_argument("dest")
     parser.add_argument("--scratch")
     parser.add_argument("--limit", type=int)
-    parser.add_argument("--demo-args", default="", help="the arguments the model was built with (for the card)")
+    parser.add_argument("--demo-args", default="", help="the commands the model was built with (for the card)")
     args = parser.parse_args(argv)
     rows = package_demo(args.model, args.dest, args.scratch, limit=args.limit, demo_args=args.demo_args)
     print(json.dumps(rows, indent=1)[:4000])

@@ -106,6 +106,24 @@ def test_mtmd_cli_answers_like_our_backend(gguf_7b_f32, square_images, tmp_path)
     assert fixed == ours
 
 
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+@requires_tools
+@pytest.mark.skipif(not (DEMO / "gguf").is_dir(), reason="models/demo is not in this checkout")
+def test_mtmd_cli_answers_like_our_backend_on_the_trained_demo():
+    """The same check on the shipped, trained demo model (Q8_0 + F16 mmproj), on its first
+    eval questions in the upstream protocol: a model that reads the image, so a wrong image
+    path would change the letters."""
+    from huatuo_lite.evaluate import build_prompt
+
+    items = json.loads((DEMO / "eval" / "eval.json").read_text(encoding="utf-8"))[:6]
+    for item in items:
+        image, question = DEMO / "eval" / item["image"][0], build_prompt(item["question"], item["options"])
+        ours = backend_answer(DEMO / "gguf", image, question)
+        assert cli_answer(DEMO / "gguf", image, question) == ours, item["id"]
+
+
 def _self_test_in_subprocess(folder: Path, env: dict) -> dict:
     files = _files(folder)
     code = ("import json,sys; from huatuo_lite.backends.gguf_mtmd import mtmd_self_test; "
