@@ -55,6 +55,7 @@ def bench_args(text_gguf: Path, quant: str | None, threads: int, repeat: int, pr
                new_tokens: int, depth: int) -> dict:
     """{'prefill': args, 'decode': args} of the two llama-bench invocations: pp of
     prompt_tokens from an empty cache; tg of new_tokens after `depth` cached tokens."""
+    prompt_tokens, depth = int(prompt_tokens), int(depth)      # medians over repeats arrive as floats
     common = ["-t", threads, "-r", max(1, repeat), *attention_args(quant, "llama-bench"), "-o", "json"]
     return {"prefill": ["-m", text_gguf, "-p", prompt_tokens, "-n", 0, *common],
             "decode": ["-m", text_gguf, "-p", 0, "-n", new_tokens, "-d", depth, *common]}

@@ -88,3 +88,12 @@ def test_mtmd_cli_accepts_the_exact_flags(gguf_7b_f16, tmp_path):
     timings = stock.mtmd_first_answer(text_gguf(gguf_7b_f16), mmproj, image, "Describe it.", threads=1,
                                       new_tokens=4, quant="F16")
     assert timings["image_encode_s"] > 0
+
+
+def test_bench_args_take_median_token_counts_as_integers():
+    """Rows report medians over repeats (598.0); llama-bench refuses "-p 598.0"."""
+    from stock import bench_args
+
+    args = bench_args(Path("m.gguf"), "Q4_K_M", 2, 1, 598.0, 64, 598.0)
+    assert args["prefill"][args["prefill"].index("-p") + 1] == 598
+    assert args["decode"][args["decode"].index("-d") + 1] == 598
