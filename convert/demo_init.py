@@ -158,17 +158,14 @@ def designed_first_attention(model_dir, head_dim: int = 64, heads_per_kv: int = 
              PROJECTOR_OUT + "weight": lambda t: _zero_row(t, 0),
              PROJECTOR_OUT + "bias": lambda t: _set(t, 0, IMAGE_FLAG)}
     if passthrough:                   # the summaries of demo_pooling reach the LM at full size
-        from .demo_pooling import projector_passthrough
-
-        from .demo_pooling import reader_values
+        from .demo_pooling import projector_passthrough, reader_values
 
         names = [n for n in index if n.startswith("model.mm_projector.") or n.startswith("model.layers.0.self_attn.")]
         current = {n: t for shard in sorted({index[n] for n in names}) for n, t in load_file(root / shard).items()
                    if n in names}
         designed = {**projector_passthrough(current), **reader_values(current, head_dim, heads_per_kv)}
         for name, value in designed.items():
-            after = edits.get(name)
-            edits[name] = (lambda t, v=value, f=after: f(v.clone().to(t.dtype)) if f else v.clone().to(t.dtype))
+            edits[name] = _start_from(value, then=edits.get(name))
     for shard in sorted({index[n] for n in edits}):
         state = load_file(root / shard)
         temp = root / (shard + ".tmp")
@@ -176,6 +173,14 @@ def designed_first_attention(model_dir, head_dim: int = 64, heads_per_kv: int = 
                   metadata={"format": "pt"})
         temp.rename(root / shard)
     return len(edits)
+
+
+def _start_from(value, then=None):
+    """An edit that replaces a tensor by `value` (in the tensor's dtype), then applies `then`."""
+    def edit(tensor):
+        start = value.clone().to(tensor.dtype)
+        return then(start) if then else start
+    return edit
 
 
 def _query_bias(bias, head_dim: int, heads_per_kv: int):
