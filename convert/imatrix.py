@@ -15,13 +15,13 @@ versions) goes into the manifest entry of the text GGUF.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from huatuo_lite import family
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.fsutil import sha256_file
+from huatuo_lite.jsonrecords import read_record_list
 from huatuo_lite.native import find_tool, run_tool, tool_version
 from huatuo_lite.prompt import Turn, render
 
@@ -73,12 +73,7 @@ def record_text(pairs: list[tuple[str, str]]) -> str:
 def calibration_text(path) -> tuple[str, int]:
     """(text, number of records used) from a calibration JSON (a list of records)."""
     path = Path(path)
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise HuatuoError(f"Cannot read the calibration file {path} ({exc}); give a JSON list of records.") from None
-    if not isinstance(records, list):
-        raise HuatuoError(f"{path} is not a JSON list; give a list of PubMedVision or eval-format records.")
+    records = read_record_list(path, "calibration file", "a JSON list of PubMedVision or eval-format records")
     texts = [t for t in (record_text(_pairs(r)) for r in records) if t]
     if not texts:
         raise HuatuoError(f"{path} holds no question/answer records; give PubMedVision-format records "

@@ -15,7 +15,7 @@ def read_record_list(path: Path, kind: str, what_to_give: str) -> list:
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise HuatuoError(f"No {kind} {path}; give the JSON that sits next to its images.") from None
+        raise HuatuoError(f"No {kind} {path}; give {what_to_give}.") from None
     except (OSError, ValueError) as exc:
         raise HuatuoError(f"{path} is not readable JSON ({exc}); give {what_to_give}.") from None
     if not isinstance(records, list):
