@@ -24,11 +24,14 @@ def quiet_llama() -> None:
     llama_cpp.llama_backend_init()
 
 
-def load_model(path: Path, gpu_layers: int = 0):
+def load_model(path: Path, gpu_layers: int = 0, vocab_only: bool = False):
+    """The text model; vocab_only: just its hyper-parameters and vocabulary, no weights
+    (what libmtmd needs of it: n_embd and the tokenizer)."""
     import llama_cpp
 
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = int(gpu_layers)
+    params.vocab_only = vocab_only
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         raise ModelFormatError(f"llama.cpp cannot load {path}: the file is truncated, corrupt or not a "
