@@ -93,7 +93,7 @@ def mmproj_plan(ckpt, qtype, keep: int) -> list[PlannedTensor]:
 def mmproj_arrays(ckpt, keep: int):
     def convert(canonical, tensor):
         name = mmproj_name(canonical, keep)
-        return None if name is None else (name, tensor.float().numpy())
+        return None if name is None else (name, tensor)
 
     for prefix in (VISION_PREFIX, PROJECTOR_PREFIX):
         yield from iter_mapped(ckpt.iter_tensors(prefix), convert)

@@ -106,17 +106,19 @@ def text_plan(ckpt, qtype) -> list[PlannedTensor]:
 
 
 def text_arrays(ckpt):
-    """(GGUF name, float32 array) for each text tensor, streamed shard by shard."""
+    """(GGUF name, torch tensor in its stored dtype) for each text tensor, streamed
+    shard by shard; q/k projections come back float32, rows permuted for rope."""
+    import torch
+
     heads = {kind: getattr(ckpt.text, attr) for kind, attr in PERMUTED_HEADS[ckpt.text.arch].items()}
 
     def convert(name, tensor):
         mapped = gguf_name(name)
         if mapped is None:
             return None
-        array = tensor.float().numpy()
-        if mapped[1] in heads:
-            array = permute_rope(array, heads[mapped[1]])
-        return mapped[0], array
+        if mapped[1] in heads:      # [heads*head_dim, hidden]: at most hidden^2 floats
+            tensor = torch.from_numpy(permute_rope(tensor.float().numpy(), heads[mapped[1]]))
+        return mapped[0], tensor
 
     return iter_mapped(ckpt.iter_tensors(), convert)
 
