@@ -72,8 +72,10 @@ def build_demo(out_dir, n_train: int = 300, n_val: int = 20, n_test: int = 80, s
     {"model", "data", "train_loss", "steps", "seconds", "report"} (report:
     evaluate's dict). letters_only trains on the lettered-options conversations
     alone; designed gives the model demo_init's tower and first attention layer.
-    init: continue from this earlier demo model folder (same data and seed) instead of
-    a new checkpoint -- a second training stage."""
+    init: continue from this earlier demo model folder instead of a new checkpoint -- a
+    further training stage. With the same seed every case comes from its own
+    (seed, split, index) stream, so a larger n_train keeps the earlier images and adds
+    new ones, and the test split stays the same."""
     from huatuo_lite.evaluate import run_eval
 
     from .demo_init import apply_designed_tower, designed_first_attention
@@ -114,7 +116,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=DEMO_TRAINING["batch_size"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--init", help="continue from this earlier demo model folder (a second stage)")
+    parser.add_argument("--init", help="continue from this earlier demo model folder (a further stage; same --seed)")
     args = parser.parse_args(argv)
     import torch
 

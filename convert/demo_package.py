@@ -60,8 +60,9 @@ def _write_model_card(model: Path, work: Path, demo_args: str) -> None:
 
 def package_demo(model, dest, scratch=None, progress: bool = True, limit: int | None = None,
                  demo_args: str = "") -> list:
-    """Write dest (which must not exist) from a trained demo model folder that holds
-    its test split as EVAL_SET; returns the comparison's rows (fidelity.json).
+    """Write dest (an existing one is replaced once the new folder is complete) from a
+    trained demo model folder that holds its test split as EVAL_SET; returns the
+    comparison's rows (fidelity.json).
     limit: compare on the first N questions only (a dry run)."""
     from huatuo_lite.fidelity import compare, parse_specs
 
