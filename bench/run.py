@@ -6,7 +6,8 @@ Profiles (bench/profiles.py): tiny (seconds; the smoke test), small (Qwen2-0.5B-
 decoder + CLIP ViT-L/14-336), 7b (Qwen2-7B shape; manual: ~16 GB checkpoint, long).
 Rows: torch fp32 reference, GGUF F16/Q8_0/Q4_K_M, ONNX fp32/int8/int4, each in its own
 process (its peak RSS is its own), and stock llama.cpp (llama-bench, llama-mtmd-cli) on
-the same GGUF files when built. Per row: load time, image encode, prefill tokens/s, time
+the same GGUF files when built. A GGUF row and its stock peer run in rounds of one image
+each, whichever goes first alternating (bench/rounds.py): an even --repeat is fairest. Per row: load time, image encode, prefill tokens/s, time
 to first token, decode tokens/s and its fraction of the memory-bandwidth roofline, the
 follow-up question's TTFT on the same image (feature cache + KV prefix reuse), peak RSS.
 Prints a markdown table; writes JSON with --out. A benchmark, not a test: run it on a
@@ -28,6 +29,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import profiles  # noqa: E402
 import report  # noqa: E402
 import roofline  # noqa: E402
+import rounds  # noqa: E402
 import stock  # noqa: E402
 from measure import FIRST_QUESTION  # noqa: E402
 
@@ -85,40 +87,72 @@ def run_child(target, threads: int, new_tokens: int, images: list[Path]) -> dict
 
 
 def measure_targets(targets, args, images, read_gbs: float) -> tuple[list[dict], list[str]]:
-    """Our rows, each GGUF row followed at once by stock llama.cpp on the same file (the two
-    then see the same machine load: a busy neighbour swings llama.cpp's speed tenfold)."""
+    """Our rows; each GGUF row paired with stock llama.cpp on the same file, in alternating
+    rounds (bench/rounds.py: on this VM the second of two back-to-back runs is faster)."""
     rows, notes = [], []
     for target in targets:
-        print(f"measuring {target.label} ...", flush=True)
-        try:
-            row = report.summarize(run_child(target, args.threads, args.new_tokens, images))
-        except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
-            notes.append(f"{target.label} failed: {exc}")     # one broken row must not hide the others
-            print(f"  {notes[-1]}", flush=True)
-            continue
-        row.update(label=target.label, backend=target.backend, quant=target.quant,
-                   folder=str(target.folder), size_mb=folder_size_mb(target))
-        report.add_roofline(row, roofline.bytes_per_token(target), read_gbs)
-        print(f"  TTFT {row['time_to_first_token_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} tok/s, "
-              f"follow-up TTFT x{row['follow_up_ratio']:.3f}, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-        rows.append(row)
-        if target.backend == "gguf" and not args.no_stock:
-            more_rows, more_notes = stock_rows(target, args, images, read_gbs, row["prompt_tokens"])
-            rows, notes = rows + more_rows, notes + more_notes
+        paired = target.backend == "gguf" and not args.no_stock
+        more_rows, more_notes = (measure_paired(target, args, images, read_gbs) if paired
+                                 else measure_ours(target, args, [images], read_gbs))
+        rows, notes = rows + more_rows, notes + more_notes
         if args.out:     # what is measured so far survives a later crash
             write_json(args.out.with_name(args.out.name + ".partial"), {"rows": rows, "notes": notes})
     return rows, list(dict.fromkeys(notes))
 
 
-def stock_rows(target, args, images, read_gbs: float, prompt_tokens: int) -> tuple[list[dict], list[str]]:
-    print(f"measuring llama.cpp {target.quant} ...", flush=True)
-    rows, notes = stock.stock_rows([target], images, FIRST_QUESTION, args.threads, args.new_tokens, args.repeat,
-                                   prompt_tokens, mtmd=not args.no_mtmd)
+def measure_ours(target, args, image_groups: list[list[Path]], read_gbs: float) -> tuple[list[dict], list[str]]:
+    """Our row: one bench/measure.py child per group of images, merged (rounds.merge_children)."""
+    print(f"measuring {target.label} ...", flush=True)
+    try:
+        parts = [run_child(target, args.threads, args.new_tokens, group) for group in image_groups]
+        return [finish_ours(target, rounds.merge_children(parts), read_gbs)], []
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+        note = f"{target.label} failed: {exc}"             # one broken row must not hide the others
+        print(f"  {note}", flush=True)
+        return [], [note]
+
+
+def finish_ours(target, measured: dict, read_gbs: float) -> dict:
+    """A child's (merged) result -> our table row with its size and roofline."""
+    row = report.summarize(measured)
+    row.update(label=target.label, backend=target.backend, quant=target.quant,
+               folder=str(target.folder), size_mb=folder_size_mb(target))
+    report.add_roofline(row, roofline.bytes_per_token(target), read_gbs)
+    print(f"  {target.label}: TTFT {row['time_to_first_token_s']:.2f} s, decode {row['decode_tokens_per_s']:.2f} "
+          f"tok/s, follow-up TTFT x{row['follow_up_ratio']:.3f}, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    return row
+
+
+def finish_stock(target, row: dict, read_gbs: float) -> dict:
+    """A stock llama.cpp row (medians over rounds) -> with the file's size and roofline."""
+    row["size_mb"] = folder_size_mb(target)
+    report.add_roofline(row, roofline.bytes_per_token(target), read_gbs)
+    print(f"  {row['label']}: TTFT {row.get('time_to_first_token_s', float('nan')):.2f} s, "
+          f"decode {row['decode_tokens_per_s']:.2f} tok/s (llama-bench)", flush=True)
+    return row
+
+
+def measure_paired(target, args, images, read_gbs: float) -> tuple[list[dict], list[str]]:
+    """Ours and stock llama.cpp, one image per round, the order flipping every round. Stock
+    decodes at our prompt's depth, known after our first round (round 0 runs ours first)."""
+    ours_parts, stock_parts, notes, prompt_tokens = [], [], [], None
+    for index, order in enumerate(rounds.round_orders(len(images))):
+        print(f"round {index + 1}/{len(images)} on {target.label}: {' then '.join(order)}", flush=True)
+        for peer in order:
+            if peer == rounds.OURS:
+                try:
+                    ours_parts.append(run_child(target, args.threads, args.new_tokens, [images[index]]))
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                    return [], [f"{target.label} failed: {exc}"]
+                prompt_tokens = ours_parts[-1]["first"][0]["prompt_tokens"]
+            else:
+                found, found_notes = stock.stock_rows([target], [images[index]], FIRST_QUESTION, args.threads,
+                                                      args.new_tokens, 1, prompt_tokens, mtmd=not args.no_mtmd)
+                stock_parts, notes = stock_parts + found, notes + found_notes
+    row = finish_ours(target, rounds.merge_children(ours_parts), read_gbs)
+    rows = [row] + ([finish_stock(target, rounds.median_rows(stock_parts), read_gbs)] if stock_parts else [])
     for row in rows:
-        row["size_mb"] = folder_size_mb(target)
-        report.add_roofline(row, roofline.bytes_per_token(target), read_gbs)
-        print(f"  TTFT {row.get('time_to_first_token_s', float('nan')):.2f} s, "
-              f"decode {row['decode_tokens_per_s']:.2f} tok/s (llama-bench)", flush=True)
+        row["interleaved_rounds"] = len(images)
     return rows, notes
 
 
