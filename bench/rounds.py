@@ -37,7 +37,17 @@ def median_rows(rows: list[dict]) -> dict:
     merged = dict(rows[0])
     for key in {key for row in rows for key in row}:
         values = [row[key] for row in rows if key in row]
-        if all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+        if all(isinstance(value, bool) for value in values):
+            merged[key] = any(values)                 # e.g. ttft_estimated in any round
+        elif all(isinstance(value, (int, float)) for value in values):
             merged[key] = statistics.median(values)
     merged["rounds"] = len(rows)
     return merged
+
+
+ROUND_KEYS = ("time_to_first_token_s", "decode_tokens_per_s")
+
+
+def per_round(figures: list[dict]) -> dict:
+    """{key: [value of each round, None where missing]} for the headline figures."""
+    return {key: [entry.get(key) for entry in figures] for key in ROUND_KEYS}

@@ -134,8 +134,9 @@ def finish_stock(target, row: dict, read_gbs: float) -> dict:
 
 def measure_paired(target, args, images, read_gbs: float) -> tuple[list[dict], list[str]]:
     """Ours and stock llama.cpp, one image per round, the order flipping every round. Stock
-    decodes at our prompt's depth, known after our first round (round 0 runs ours first)."""
-    ours_parts, stock_parts, notes, prompt_tokens = [], [], [], None
+    decodes at our prompt's depth, known after our first round (round 0 runs ours first).
+    Each row keeps its per-round figures (per_round) beside the medians."""
+    ours_parts, stock_parts, notes = [], [], []
     for index, order in enumerate(rounds.round_orders(len(images))):
         print(f"round {index + 1}/{len(images)} on {target.label}: {' then '.join(order)}", flush=True)
         for peer in order:
@@ -144,16 +145,27 @@ def measure_paired(target, args, images, read_gbs: float) -> tuple[list[dict], l
                     ours_parts.append(run_child(target, args.threads, args.new_tokens, [images[index]]))
                 except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
                     return [], [f"{target.label} failed: {exc}"]
-                prompt_tokens = ours_parts[-1]["first"][0]["prompt_tokens"]
+                print_round("ours", ours_parts[-1]["first"][0])
             else:
+                depth = ours_parts[-1]["first"][0]["prompt_tokens"]
                 found, found_notes = stock.stock_rows([target], [images[index]], FIRST_QUESTION, args.threads,
-                                                      args.new_tokens, 1, prompt_tokens, mtmd=not args.no_mtmd)
+                                                      args.new_tokens, 1, depth, mtmd=not args.no_mtmd)
                 stock_parts, notes = stock_parts + found, notes + found_notes
-    row = finish_ours(target, rounds.merge_children(ours_parts), read_gbs)
-    rows = [row] + ([finish_stock(target, rounds.median_rows(stock_parts), read_gbs)] if stock_parts else [])
+                for row in found:
+                    print_round("stock", row)
+    rows = [finish_ours(target, rounds.merge_children(ours_parts), read_gbs)]
+    rows[0]["per_round"] = rounds.per_round([part["first"][0] for part in ours_parts])
+    if stock_parts:
+        rows.append(finish_stock(target, rounds.median_rows(stock_parts), read_gbs))
+        rows[1]["per_round"] = rounds.per_round(stock_parts)
     for row in rows:
         row["interleaved_rounds"] = len(images)
     return rows, notes
+
+
+def print_round(peer: str, figures: dict) -> None:
+    print(f"  {peer}: TTFT {figures.get('time_to_first_token_s', float('nan')):.2f} s, "
+          f"decode {figures.get('decode_tokens_per_s', float('nan')):.2f} tok/s", flush=True)
 
 
 def chosen_labels(profile, only: list[str] | None) -> list[str]:

@@ -38,12 +38,14 @@ def test_children_merge_as_one_child_that_saw_every_image():
 
 def test_stock_rounds_take_medians_and_keep_the_arguments():
     rows = [{"label": "llama.cpp Q4_K_M", "decode_tokens_per_s": rate, "llama_bench_args": {"decode": "-r 1"},
-             "ttft_estimated": True} for rate in (6.0, 7.5, 7.0)]
+             "ttft_estimated": rate == 7.0} for rate in (6.0, 7.5, 7.0)]
     rows[1]["time_to_first_token_s"] = 40.0                       # one round's mtmd-cli kept its timings
     merged = rounds.median_rows(rows)
     assert merged["decode_tokens_per_s"] == 7.0 and merged["time_to_first_token_s"] == 40.0
     assert merged["label"] == "llama.cpp Q4_K_M" and merged["llama_bench_args"] == {"decode": "-r 1"}
-    assert merged["ttft_estimated"] is True and merged["rounds"] == 3
+    assert merged["ttft_estimated"] is True and merged["rounds"] == 3        # estimated in some round
+    assert rounds.per_round(rows) == {"time_to_first_token_s": [None, 40.0, None],
+                                      "decode_tokens_per_s": [6.0, 7.5, 7.0]}
 
 
 @pytest.mark.skipif(native.find_tool("llama-bench", required=False) is None,
@@ -61,3 +63,6 @@ def test_tiny_paired_run_interleaves_and_reports_both_rows(tmp_path):
     assert ours["repeats"] == 2 and peer["rounds"] == 2
     assert ours["interleaved_rounds"] == peer["interleaved_rounds"] == 2
     assert peer["decode_depth"] == ours["prompt_tokens"] and peer["decode_tokens_per_s"] > 0
+    for row in (ours, peer):
+        per_round = row["per_round"]["decode_tokens_per_s"]
+        assert len(per_round) == 2 and min(per_round) <= row["decode_tokens_per_s"] <= max(per_round)
