@@ -1,6 +1,6 @@
 """Side-by-side benchmark of every backend and quant on a real-shaped random model.
 
-    python bench/run.py --profile small [--threads N] [--repeat 3] [--out small.json]
+    python bench/run.py --profile small [--threads N] [--repeat 4] [--out small.json]
 
 Profiles (bench/profiles.py): tiny (seconds; the smoke test), small (Qwen2-0.5B-shaped
 decoder + CLIP ViT-L/14-336), 7b (Qwen2-7B shape; manual: ~16 GB checkpoint, long).
@@ -209,7 +209,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="small", choices=sorted(profiles.PROFILES))
     parser.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    parser.add_argument("--repeat", type=int, default=3, help="questions per row (medians reported)")
+    parser.add_argument("--repeat", type=int, default=4,
+                        help="questions per row (medians reported); even: paired rounds alternate who goes first")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: the profile's")
     parser.add_argument("--only", nargs="*", help="rows to run, e.g. 'gguf Q4_K_M' 'torch fp32'")
     parser.add_argument("--no-stock", action="store_true", help="skip stock llama.cpp")
