@@ -1,10 +1,10 @@
 """Ours and stock llama.cpp on one GGUF file, in alternating rounds.
 
-Why: on this VM whichever of two back-to-back runs goes second decodes faster (page cache,
-CPU frequency, the neighbour's load: the 7B decode read 0.86-0.88x of stock with ours always
-first, 1.03x with stock first). So each repeat is a round of one image for each peer, and
-the order flips every round (ours first in rounds 0, 2, ...; stock first in 1, 3, ...). With
-an even number of rounds each peer goes first equally often.
+Why: on this VM the order of two back-to-back runs moved their ratio (the 7B decode read
+0.86-0.88x of stock with ours always run first, 1.03x in hand-alternated runs with stock
+first). So each repeat is a round of one image for each peer, and the order flips every
+round (ours first in rounds 0, 2, ...; stock first in 1, 3, ...): with an even number of
+rounds each peer goes first equally often and order drops out of the medians.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ decoder + CLIP ViT-L/14-336), 7b (Qwen2-7B shape; manual: ~16 GB checkpoint, lon
 Rows: torch fp32 reference, GGUF F16/Q8_0/Q4_K_M, ONNX fp32/int8/int4, each in its own
 process (its peak RSS is its own), and stock llama.cpp (llama-bench, llama-mtmd-cli) on
 the same GGUF files when built. A GGUF row and its stock peer run in rounds of one image
-each, whichever goes first alternating (bench/rounds.py): an even --repeat is fairest. Per row: load time, image encode, prefill tokens/s, time
-to first token, decode tokens/s and its fraction of the memory-bandwidth roofline, the
+each, whichever goes first alternating (bench/rounds.py): an even --repeat is fairest.
+Per row: load time, image encode, prefill tokens/s, time to first token, decode tokens/s and its fraction of the memory-bandwidth roofline, the
 follow-up question's TTFT on the same image (feature cache + KV prefix reuse), peak RSS.
 Prints a markdown table; writes JSON with --out. A benchmark, not a test: run it on a
 quiet machine (the load average is recorded) and repeat.
@@ -88,24 +88,23 @@ def run_child(target, threads: int, new_tokens: int, images: list[Path]) -> dict
 
 def measure_targets(targets, args, images, read_gbs: float) -> tuple[list[dict], list[str]]:
     """Our rows; each GGUF row paired with stock llama.cpp on the same file, in alternating
-    rounds (bench/rounds.py: on this VM the second of two back-to-back runs is faster)."""
+    rounds (bench/rounds.py: which of the two ran first moved their ratio here)."""
     rows, notes = [], []
     for target in targets:
         paired = target.backend == "gguf" and not args.no_stock
         more_rows, more_notes = (measure_paired(target, args, images, read_gbs) if paired
-                                 else measure_ours(target, args, [images], read_gbs))
+                                 else measure_ours(target, args, images, read_gbs))
         rows, notes = rows + more_rows, notes + more_notes
         if args.out:     # what is measured so far survives a later crash
             write_json(args.out.with_name(args.out.name + ".partial"), {"rows": rows, "notes": notes})
     return rows, list(dict.fromkeys(notes))
 
 
-def measure_ours(target, args, image_groups: list[list[Path]], read_gbs: float) -> tuple[list[dict], list[str]]:
-    """Our row: one bench/measure.py child per group of images, merged (rounds.merge_children)."""
+def measure_ours(target, args, images: list[Path], read_gbs: float) -> tuple[list[dict], list[str]]:
+    """Our row from one bench/measure.py child that asks about every image."""
     print(f"measuring {target.label} ...", flush=True)
     try:
-        parts = [run_child(target, args.threads, args.new_tokens, group) for group in image_groups]
-        return [finish_ours(target, rounds.merge_children(parts), read_gbs)], []
+        return [finish_ours(target, run_child(target, args.threads, args.new_tokens, images), read_gbs)], []
     except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
         note = f"{target.label} failed: {exc}"             # one broken row must not hide the others
         print(f"  {note}", flush=True)
@@ -113,7 +112,8 @@ def measure_ours(target, args, image_groups: list[list[Path]], read_gbs: float) 
 
 
 def finish_ours(target, measured: dict, read_gbs: float) -> dict:
-    """A child's (merged) result -> our table row with its size and roofline."""
+    """A child's result (or rounds.merge_children of several) -> our table row with its size
+    and roofline."""
     row = report.summarize(measured)
     row.update(label=target.label, backend=target.backend, quant=target.quant,
                folder=str(target.folder), size_mb=folder_size_mb(target))
