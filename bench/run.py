@@ -35,6 +35,7 @@ from measure import FIRST_QUESTION  # noqa: E402
 
 DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huatuo-lite-bench"
 ROW_TIMEOUT_S = 4 * 3600      # one backend's process (the 7B fp32 reference is slow)
+CHILD_ERRORS = (RuntimeError, subprocess.TimeoutExpired, ValueError)   # a child's failures (run_child)
 
 
 def default_threads() -> int:
@@ -105,10 +106,16 @@ def measure_ours(target, args, images: list[Path], read_gbs: float) -> tuple[lis
     print(f"measuring {target.label} ...", flush=True)
     try:
         return [finish_ours(target, run_child(target, args.threads, args.new_tokens, images), read_gbs)], []
-    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
-        note = f"{target.label} failed: {exc}"             # one broken row must not hide the others
-        print(f"  {note}", flush=True)
-        return [], [note]
+    except CHILD_ERRORS as exc:
+        return [], [failed(target, exc)]
+
+
+def failed(target, exc) -> str:
+    """The note for a row whose child failed, printed at once (one broken row must not
+    hide the others: the run goes on)."""
+    note = f"{target.label} failed: {exc}"
+    print(f"  {note}", flush=True)
+    return note
 
 
 def finish_ours(target, measured: dict, read_gbs: float) -> dict:
@@ -143,8 +150,8 @@ def measure_paired(target, args, images, read_gbs: float) -> tuple[list[dict], l
             if peer == rounds.OURS:
                 try:
                     ours_parts.append(run_child(target, args.threads, args.new_tokens, [images[index]]))
-                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
-                    return [], [f"{target.label} failed: {exc}"]
+                except CHILD_ERRORS as exc:
+                    return [], [failed(target, exc)]
                 print_round("ours", ours_parts[-1]["first"][0])
             else:
                 depth = ours_parts[-1]["first"][0]["prompt_tokens"]

@@ -66,3 +66,19 @@ def test_tiny_paired_run_interleaves_and_reports_both_rows(tmp_path):
     for row in (ours, peer):
         per_round = row["per_round"]["decode_tokens_per_s"]
         assert len(per_round) == 2 and min(per_round) <= row["decode_tokens_per_s"] <= max(per_round)
+
+
+def test_a_failing_child_ends_the_pair_with_one_printed_note(monkeypatch, capsys):
+    import types
+
+    import run
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("exit code 1: boom")
+
+    monkeypatch.setattr(run, "run_child", broken)
+    target = types.SimpleNamespace(label="gguf Q4_K_M", backend="gguf", quant="Q4_K_M", folder=Path("x"))
+    args = types.SimpleNamespace(threads=1, new_tokens=4, no_mtmd=True)
+    rows, notes = run.measure_paired(target, args, [Path("a.png"), Path("b.png")], read_gbs=10.0)
+    assert rows == [] and notes == ["gguf Q4_K_M failed: exit code 1: boom"]
+    assert "gguf Q4_K_M failed: exit code 1: boom" in capsys.readouterr().out
