@@ -16,10 +16,10 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFW
 
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.family import ANSWER_SUFFIX, ASSISTANT_TAG, IMAGE_LINE, IMAGE_PLACEHOLDER, USER_TAG
+from huatuo_lite.native import MTMD_MARKER  # noqa: F401 - re-exported: the template's marker
 
 from .gguf_stream import PlannedTensor, iter_mapped, weight_qtype, write_streaming_gguf
 
-MTMD_MARKER = "<__media__>"   # libmtmd's default media marker (mtmd_default_marker())
 TEXT_ARCH = {"qwen2": MODEL_ARCH.QWEN2, "llama": MODEL_ARCH.LLAMA}
 
 # canonical name (outside the layers) -> GGUF tensor
@@ -69,26 +69,39 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def chat_template() -> str:
-    """Upstream's prompt as Jinja (llama-cpp-python, llama.cpp), built from family.py.
-    A user turn: USER_TAG + (IMAGE_LINE per image + text, stripped) + newline +
-    ASSISTANT_TAG; an earlier answer: its text + ANSWER_SUFFIX (as prompt.render).
-    Content may be a string or OpenAI-style parts (images counted, texts joined); an
-    image part that MTMDChatHandler already replaced by its marker becomes marker + newline,
-    so libmtmd splices the image where upstream's <image> was."""
+    """Upstream's prompt as Jinja (llama.cpp's own engine, llama-cpp-python's jinja2), built
+    from family.py. A user turn: USER_TAG + (IMAGE_LINE per image + text, stripped) + newline
+    + ASSISTANT_TAG; an earlier answer: its text + ANSWER_SUFFIX (as prompt.render).
+
+    Content comes as a string or as OpenAI/HF-style parts, and images arrive three ways: an
+    image part ("image"/"image_url", rendered as IMAGE_LINE), or libmtmd's marker inside text
+    (llama-mtmd-cli prepends one marker per image to -p with NO newline; llama-server joins
+    parts into such a string; MTMDChatHandler turns each image part into a text part that is
+    the marker). Every marker, with one newline after it if there is one, is moved to the
+    front as marker + newline, so libmtmd splices each image where upstream's <image> was.
+    Text parts are joined with a newline (as the OpenAI route's message_parts)."""
     q = json.dumps   # a Jinja string literal with the same escapes as JSON
+    marker, marker_line = q(MTMD_MARKER), q(IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER))
     return (
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'user' -%}"
-        "{%- if message['content'] is string -%}{%- set user = message['content'] -%}{%- else -%}"
         "{%- set ns = namespace(images='', text='') -%}"
-        "{%- for part in message['content'] -%}"
+        "{%- if message['content'] is string -%}{%- set parts = [message['content']] -%}"
+        "{%- else -%}{%- set parts = message['content'] -%}{%- endif -%}"
+        "{%- for part in parts -%}"
+        "{%- if part is string -%}{%- set text = part -%}"
+        "{%- elif part['type'] == 'text' -%}{%- set text = part['text'] -%}"
+        "{%- else -%}{%- set text = '' -%}"
         "{%- if part['type'] in ['image', 'image_url'] -%}{%- set ns.images = ns.images + " + q(IMAGE_LINE) + " -%}"
-        # llama-cpp-python's MTMDChatHandler turns image parts into a text part holding its marker
-        "{%- elif part['type'] == 'text' and part['text'] == " + q(MTMD_MARKER) + " -%}"
-        "{%- set ns.images = ns.images + " + q(IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER)) + " -%}"
-        "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
-        "{%- endfor -%}{%- set user = ns.images + ns.text -%}{%- endif -%}"
-        "{{ " + q(USER_TAG) + " }}{{ user | trim }}{{ " + q("\n" + ASSISTANT_TAG) + " }}"
+        "{%- endif -%}{%- endif -%}"
+        "{%- set chunks = text.replace(" + q(MTMD_MARKER + "\n") + ", " + marker + ").split(" + marker + ") -%}"
+        "{%- for chunk in chunks -%}{%- if not loop.first -%}"
+        "{%- set ns.images = ns.images + " + marker_line + " -%}{%- endif -%}{%- endfor -%}"
+        "{%- set text = chunks | join('') -%}"
+        "{%- if text and ns.text -%}{%- set ns.text = ns.text + " + q("\n") + " -%}{%- endif -%}"
+        "{%- set ns.text = ns.text + text -%}"
+        "{%- endfor -%}"
+        "{{ " + q(USER_TAG) + " }}{{ (ns.images + ns.text) | trim }}{{ " + q("\n" + ASSISTANT_TAG) + " }}"
         "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ " + q(ANSWER_SUFFIX) + " }}"
         "{%- endif -%}{%- endfor -%}"
     )

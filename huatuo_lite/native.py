@@ -26,6 +26,7 @@ BUILD_HINT = ("build them with `cmake -S . -B build -DCMAKE_BUILD_TYPE=Release &
 ERROR_TAIL_LINES = 6                    # of the tool's output, quoted in the error
 CLI_DONE_MARK = "llama_perf_context_print:"   # logged by llama-mtmd-cli -v after the answer
 CLI_ATTEMPTS = 10
+MTMD_MARKER = "<__media__>"   # libmtmd's default media marker (mtmd_default_marker())
 
 
 def candidate_dirs() -> list[Path]:
@@ -135,14 +136,15 @@ def stock_mtmd_dir(folder: Path | str) -> Path:
 
 def mtmd_cli_answer(text_gguf: Path, mmproj: Path, images: Sequence, question: str, n_predict: int,
                     threads: int = 1, libmtmd_dir: Path | None = None, timeout: float | None = 600,
-                    extra_args: Sequence = ()) -> bytes:
+                    extra_args: Sequence = (), markers: bool = False) -> bytes:
     """llama-mtmd-cli's greedy answer (raw bytes, stripped), prompted with the GGUF's embedded
-    chat template (--jinja); each image's marker + newline stands where upstream writes
-    "<image>\\n". `libmtmd_dir`: a folder whose libmtmd replaces the built one."""
-    from .convert.gguf_text import MTMD_MARKER   # the template knows it too
+    chat template (--jinja). As a stock user types it, -p is the bare question and the tool
+    prepends one marker per image (no newline; the template adds upstream's). `markers`: write
+    each image's marker + newline into -p ourselves instead. `libmtmd_dir`: a folder whose
+    libmtmd replaces the built one."""
     from .family import IMAGE_LINE, IMAGE_PLACEHOLDER
 
-    prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) * len(images) + question
+    prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) * len(images) * markers + question
     args = ["-m", text_gguf, "--mmproj", mmproj, "-p", prompt, "--temp", "0", "-n", n_predict,
             "-t", threads, "--jinja", "--no-warmup", "-c", 4096, "--seed", 0, *extra_args]
     for image in images:

@@ -247,49 +247,103 @@ def test_passed_self_test_switches_images_to_libmtmd(gguf_7b_f32, tmp_path):
         engine.close()
 
 
-def test_chat_template_renders_the_upstream_prompt():
-    """The embedded template gives prompt.render's text for plain strings, OpenAI image
-    parts, and MTMDChatHandler's marker parts (marker where <image> was)."""
+def _template_env():
+    """jinja2 set up as llama-cpp-python's MTMDChatHandler sets it up."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+
+def test_chat_template_renders_the_upstream_prompt():
+    """The embedded template gives prompt.render's text for every way content arrives:
+    OpenAI/HF image parts, MTMDChatHandler's marker parts, and strings holding libmtmd's
+    marker with no newline after it (llama-mtmd-cli -p "Q", llama-server's joined parts) or
+    with one (marker where <image> was, one newline after it in every case)."""
     from llama_cpp import mtmd_cpp
 
     from huatuo_lite.convert.gguf_text import MTMD_MARKER, chat_template
     from huatuo_lite.prompt import Turn, render
 
     assert mtmd_cpp.mtmd_default_marker().decode() == MTMD_MARKER
-    template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template())
+    template = _template_env().from_string(chat_template())
     expected = render([Turn("What is it? ", 2, "A lung."), Turn("And now?", 1)])
-    for image_part in ({"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": MTMD_MARKER}):
-        messages = [{"role": "user", "content": [image_part, image_part, {"type": "text", "text": "What is it? "}]},
-                    {"role": "assistant", "content": "A lung."},
-                    {"role": "user", "content": [image_part, {"type": "text", "text": "And now?"}]}]
-        want = expected if image_part["type"] == "image_url" else expected.replace("<image>", MTMD_MARKER)
-        assert template.render(messages=messages) == want
+    m = MTMD_MARKER
+    contents = [  # (first turn's content, last turn's content, what stands for <image>)
+        ([{"type": "image_url", "image_url": {"url": "x"}}] * 2 + [{"type": "text", "text": "What is it? "}],
+         [{"type": "image"}, {"type": "text", "text": "And now?"}], "<image>"),
+        ([{"type": "text", "text": m}] * 2 + [{"type": "text", "text": "What is it? "}],
+         [{"type": "text", "text": m}, {"type": "text", "text": "And now?"}], m),
+        (m + m + "What is it? ", m + "And now?", m),                 # llama-mtmd-cli's -p
+        (f"{m}\n{m}\nWhat is it? ", f"{m}\nAnd now?", m),           # upstream's layout
+        ("What is it? " + m + m, "And now?" + m, m),                 # images after the text
+    ]
+    for first, last, image in contents:
+        messages = [{"role": "user", "content": first}, {"role": "assistant", "content": "A lung."},
+                    {"role": "user", "content": last}]
+        assert template.render(messages=messages) == expected.replace("<image>", image), (first, last)
     plain = [{"role": "user", "content": "Hello"}]
     assert template.render(messages=plain) == render([Turn("Hello")])
+    two_texts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"},
+                                              {"type": "text", "text": "there"}]}]
+    assert template.render(messages=two_texts) == render([Turn("Hi\nthere", 1)])   # as message_parts joins
 
 
-def test_stock_llama_cpp_python_loads_the_pair(gguf_7b_f32):
-    """Stock llama-cpp-python (Llama + MTMDChatHandler) runs our pair with its embedded template."""
+def _png_url(value: int = 128) -> str:
     import base64
     import io
 
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((336, 336, 3), value, np.uint8)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_mtmd_chat_handler_renders_our_prompt_from_the_gguf(gguf_7b_f32):
+    """llama-cpp-python's own MTMDChatHandler, given the template read back from the GGUF,
+    renders upstream's prompt with libmtmd's marker where <image> goes."""
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    from huatuo_lite.convert.gguf_text import MTMD_MARKER
+    from huatuo_lite.prompt import Turn, render
+
+    stored = _value(_reader(_only(gguf_7b_f32, "text")), "tokenizer.chat_template")
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                             {"type": "text", "text": "What is shown?"}]}]
+    converted = MTMDChatHandler._get_template_messages(MTMDChatHandler, messages, MTMD_MARKER)
+    rendered = _template_env().from_string(stored).render(messages=converted, add_generation_prompt=True)
+    assert rendered == render([Turn("What is shown?", 1)]).replace("<image>", MTMD_MARKER)
+
+
+def test_stock_llama_cpp_python_loads_the_pair(gguf_7b_f32):
+    """Stock llama-cpp-python (Llama + MTMDChatHandler) runs our pair with its embedded template
+    and evaluates exactly as many prompt tokens as huatuo-lite's GGUF backend (text + 576 per image)."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import MTMDChatHandler
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((336, 336, 3), 128, np.uint8)).save(buffer, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    from huatuo_lite.family import GenerationConfig
+    from huatuo_lite.generate import run
+
+    question = "What is shown?"
     handler = MTMDChatHandler(clip_model_path=str(_only(gguf_7b_f32, "mmproj")), verbose=False, use_gpu=False)
     llm = Llama(str(_only(gguf_7b_f32, "text")), chat_handler=handler, n_ctx=1024, n_threads=1, verbose=False)
     try:
         out = llm.create_chat_completion(messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is shown?"}]}],
+            {"type": "image_url", "image_url": {"url": _png_url()}}, {"type": "text", "text": question}]}],
             max_tokens=4, temperature=0.0)
-        assert out["usage"]["prompt_tokens"] > 576 and out["usage"]["completion_tokens"] >= 1
     finally:
         llm.close()
+    engine = open_gguf(gguf_7b_f32)
+    try:
+        generation = run(engine, [Image.new("RGB", (336, 336), (128, 128, 128))], question,
+                         config=GenerationConfig(temperature=0.0, max_new_tokens=1))
+        for _ in generation:
+            pass
+    finally:
+        engine.close()
+    assert out["usage"]["completion_tokens"] >= 1
+    assert out["usage"]["prompt_tokens"] == generation.answer.prompt_tokens > 576
 
 
 def test_one_folder_holds_several_quants(gguf_7b_f16, tiny_7b, tiny_34b, tmp_path):
