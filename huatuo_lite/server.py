@@ -12,21 +12,29 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
+import json
+import math
 import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlsplit
 
 from .errors import HuatuoError, ImageError, ModelFormatError, PromptError
 from .family import MAX_IMAGES
+from .openai_compat import LONE_SURROGATE, image_source, shown
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_NAMES = frozenset(LOOPBACK_HOSTS)
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")      # bound to every address: which one a client used is unknown
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8080
 # A 6-image request of 2 MB PNGs is ~16 MB of base64; 32 MB leaves room.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_MESSAGES = 64
 DEFAULT_MAX_QUEUE = 32      # requests admitted (running + waiting); more get 503
+MAX_JSON_DEPTH = 32         # an OpenAI request nests ~6 deep (body/messages/part/image_url/url)
+MAX_INT_DIGITS = 20         # 2**64 - 1 has 20 digits: no option takes more
 
 # one of our error classes -> the OpenAI-style `code` of its 400 body
 HUATUO_ERROR_CODES = {ImageError: "invalid_image", PromptError: "invalid_prompt",
@@ -37,11 +45,14 @@ ERROR_TYPES = {500: "server_error", 503: "server_error"}
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What one server accepts. `allow_dirs` empty = no local paths at all."""
+    """What one server accepts. `allow_dirs` empty = no local paths at all;
+    `bind_host` and `allow_hosts` are the Host names requests may carry."""
 
     model_id: str
     api_key: str | None = None
     allow_dirs: tuple = field(default_factory=tuple)
+    bind_host: str = DEFAULT_HOST
+    allow_hosts: tuple = field(default_factory=tuple)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_images: int = MAX_IMAGES
@@ -53,6 +64,7 @@ class ServerSettings:
         if missing:
             raise HuatuoError(f"--allow-dir {missing[0]} is not a folder; give an existing folder of images.")
         object.__setattr__(self, "allow_dirs", resolved)
+        object.__setattr__(self, "allow_hosts", tuple(h.strip().strip("[]").lower() for h in self.allow_hosts))
 
 
 class ApiError(Exception):
@@ -116,44 +128,135 @@ def image_parts(messages: list):
 
 
 # ----------------------------------------------------------- local paths ----
-def local_image_path(url: str) -> str | None:
-    """The local path an image URL names (file:// or a bare path), or None
-    for URLs that are not local files (data URIs, http: refused later)."""
-    if url.startswith("data:"):
-        return None
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    if len(parsed.scheme) > 1:        # http, https, ftp...: not a path (a 1-letter scheme is a drive)
-        return None
-    return url
-
-
 def allowed_path(settings: ServerSettings, raw: str) -> str:
     """The resolved path if it lies inside an --allow-dir folder (symlinks
     followed first, so a link cannot lead outside); a 403 otherwise."""
     if not settings.allow_dirs:
         raise ApiError(403, "This server reads no local image paths; send images as data URIs "
                             "(or start it with --allow-dir FOLDER).", "image_path_not_allowed", "messages")
-    path = Path(raw).expanduser().resolve()
-    if not any(path.is_relative_to(folder) for folder in settings.allow_dirs):
-        raise ApiError(403, f"The image path {raw} is outside the folders this server may read; "
+    try:
+        path = Path(raw).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        path = None
+    if path is None or not any(path.is_relative_to(folder) for folder in settings.allow_dirs):
+        raise ApiError(403, f"The image path {shown(raw)} is outside the folders this server may read; "
                             "send it as a data URI or move it into an --allow-dir folder.",
                        "image_path_not_allowed", "messages")
     return str(path)
 
 
 def confine_image_paths(settings: ServerSettings, messages: list) -> None:
-    """Replace every local image URL by its checked, resolved path (in place)."""
+    """Replace every local image URL by its checked, resolved path (in place).
+    openai_compat.image_source decides what is a path, for this check and for
+    the loader alike: a URL with any other scheme is refused here, not read."""
     for _, part in image_parts(messages):
         holder = part.get("image_url")
-        url = holder.get("url") if isinstance(holder, dict) else holder
-        if not isinstance(url, str):
-            raise ApiError(400, "An image_url part needs a URL string: {'image_url': {'url': 'data:...'}}.",
-                           "invalid_image", "messages")
-        raw = local_image_path(url)
-        if raw is not None:
-            part["image_url"] = {"url": allowed_path(settings, raw)}
+        try:
+            kind, value = image_source(holder.get("url") if isinstance(holder, dict) else holder)
+        except HuatuoError as exc:
+            raise from_huatuo_error(exc) from None
+        if kind == "path":
+            part["image_url"] = {"url": allowed_path(settings, value)}
+
+
+# ------------------------------------------------------- host and origin ----
+def request_host_name(value: str) -> str | None:
+    """The host name of a Host header or Origin URL value, lower-cased, without
+    port or IPv6 brackets; None when it cannot be parsed."""
+    try:
+        return urlsplit(value if "//" in value else "//" + value).hostname
+    except ValueError:
+        return None
+
+
+def host_allowed(settings: ServerSettings, name: str | None) -> bool:
+    """Loopback names, the bound address, --allow-host names; on a wildcard bind
+    (0.0.0.0, ::) any IP literal too. A DNS name that is none of these is what a
+    DNS-rebinding page sends, so it is refused."""
+    if name is None:
+        return False
+    if name in LOOPBACK_NAMES or name == settings.bind_host.strip("[]").lower() or name in settings.allow_hosts:
+        return True
+    if settings.bind_host in WILDCARD_HOSTS:
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(name)
+            return True
+    return False
+
+
+def check_host(settings: ServerSettings, host: str | None, origin: str | None) -> None:
+    """Refuse requests a web page could have sent: a foreign Host (400) or Origin (403)."""
+    if host is not None and not host_allowed(settings, request_host_name(host)):
+        raise ApiError(400, f"The Host header {shown(host)} is not an address of this server; call it by "
+                            f"{settings.bind_host} or localhost, or start it with --allow-host NAME.", "invalid_host")
+    if origin is not None and not host_allowed(settings, request_host_name(origin)):
+        raise ApiError(403, f"Requests from the web page at {shown(origin)} are refused; web pages may not call "
+                            "this server unless it is started with --allow-host for their host.", "forbidden_origin")
+
+
+def check_json_content_type(content_type: str | None) -> None:
+    """POST bodies must say they are JSON: a web form or a no-preflight fetch cannot."""
+    media = (content_type or "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise ApiError(415, f"The request body has Content-Type {shown(content_type or 'none')}; send JSON "
+                            "with the header 'Content-Type: application/json'.", "unsupported_media_type")
+
+
+# ------------------------------------------------------------------ JSON ----
+def _refuse_constant(name: str):
+    raise ApiError(400, f"The request body holds {name}, which JSON does not allow; send finite numbers.",
+                   "invalid_json")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ApiError(400, f"The number {text[:40]} in the request body is too large; send finite numbers.",
+                       "invalid_json")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ApiError(400, f"A number in the request body has {len(text.lstrip('-'))} digits, more than the "
+                            f"{MAX_INT_DIGITS} any option here takes; send a smaller number.", "invalid_json")
+    return int(text)
+
+
+def parse_json_body(body: bytes):
+    """The request's JSON value, or a 400 for what json.loads would let through
+    into a 500 later: NaN/Infinity, numbers beyond a float or 64 bits, nesting
+    deeper than MAX_JSON_DEPTH, strings holding lone surrogates (not UTF-8-encodable)."""
+    try:
+        data = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float,
+                          parse_int=_bounded_int)
+    except RecursionError:
+        _too_deep()
+    except ValueError:
+        raise ApiError(400, "The request body is not valid JSON; send a JSON chat completion request.",
+                       "invalid_json") from None
+    _check_json_values(data)
+    return data
+
+
+def _too_deep():
+    raise ApiError(400, f"The request body is nested more than {MAX_JSON_DEPTH} levels deep; "
+                        "send a plain chat completion request.", "invalid_json")
+
+
+def _check_json_values(data) -> None:
+    """Depth and string checks without recursion (a deep value must not overflow our stack)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                _too_deep()
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, str) and LONE_SURROGATE.search(value):
+            raise ApiError(400, "The request body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                                "escape); send valid Unicode text.", "invalid_json")
 
 
 # ---------------------------------------------------------------- running ----
@@ -164,7 +267,8 @@ def serve(model, settings: ServerSettings, host: str = DEFAULT_HOST, port: int =
 
     from .server_app import create_app
 
-    uvicorn.run(create_app(model, settings), host=host, port=port, log_level=log_level)
+    app = create_app(model, replace(settings, bind_host=host))
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 
 @contextlib.contextmanager
@@ -178,7 +282,8 @@ def background_server(model, settings: ServerSettings, host: str = "127.0.0.1"):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
-    config = uvicorn.Config(create_app(model, settings), log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(model, replace(settings, bind_host=host)), log_level="warning",
+                            access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -24,13 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import HuatuoError
-from .server import (ApiError, ServerSettings, check_api_key, check_body_size, check_messages,
-                     confine_image_paths, from_huatuo_error)
+from .server import (ApiError, ServerSettings, check_api_key, check_body_size, check_host,
+                     check_json_content_type, check_messages, confine_image_paths, from_huatuo_error,
+                     parse_json_body)
 
 log = logging.getLogger("huatuo_lite.server")
 END = object()              # end of a streamed answer, put on its queue
 GENERATION_OPTIONS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-                      "repetition_penalty")
+                      "repetition_penalty", "stream_options")
+INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1     # bounds no engine overflows on
 ROLE_ALIASES = {"developer": "system"}   # newer OpenAI name; upstream ignores system text anyway
 
 
@@ -52,27 +54,37 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
-class ChatRequest(BaseModel):
-    """The OpenAI fields we honour; others (stop, logprobs, tools...) are ignored."""
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
+
+class ChatRequest(BaseModel):
+    """The OpenAI fields we honour; others (stop, logprobs, tools...) are ignored.
+    `model` may be anything: one model is served (as llama-server does)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
     model: str | None = None
     messages: list[Message]
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=0, le=INT32_MAX)
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)
 
     def message_dicts(self) -> list[dict]:
         dicts = [m.model_dump(exclude_none=True) for m in self.messages]
         return [{**d, "role": ROLE_ALIASES.get(d["role"], d["role"])} for d in dicts]
 
     def generation_options(self) -> dict:
-        return {name: getattr(self, name) for name in GENERATION_OPTIONS if getattr(self, name) is not None}
+        options = {name: getattr(self, name) for name in GENERATION_OPTIONS if getattr(self, name) is not None}
+        if self.stream_options is not None:
+            options["stream_options"] = self.stream_options.model_dump()
+        return options
 
 
 async def read_body(request: Request, settings: ServerSettings) -> bytes:
@@ -88,11 +100,10 @@ async def read_body(request: Request, settings: ServerSettings) -> bytes:
 
 
 def parse_request(body: bytes, settings: ServerSettings) -> ChatRequest:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise ApiError(400, "The request body is not valid JSON; send a JSON chat completion request.",
-                       "invalid_json") from None
+    data = parse_json_body(body)
+    if not isinstance(data, dict):
+        raise ApiError(400, f"The request body is a JSON {type(data).__name__}, not an object; send "
+                            '{"messages": [...]} as in the OpenAI chat format.', "invalid_json")
     try:
         chat = ChatRequest.model_validate(data)
     except ValidationError as exc:
@@ -101,9 +112,6 @@ def parse_request(body: bytes, settings: ServerSettings) -> ChatRequest:
         raise ApiError(422, f"Field {param}: {first['msg']}; fix the request.", first["type"], param) from None
     if chat.n != 1:
         raise ApiError(400, "Only n=1 is supported: send one request per answer.", "unsupported_value", "n")
-    if chat.model not in (None, settings.model_id):
-        raise ApiError(404, f"The model {chat.model!r} is not served here; this server serves "
-                            f"{settings.model_id!r} (see /v1/models).", "model_not_found", "model")
     return chat
 
 
@@ -252,10 +260,13 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
         yield
         workers.pool.shutdown(wait=False, cancel_futures=True)
 
+    async def same_site(request: Request):
+        check_host(settings, request.headers.get("host"), request.headers.get("origin"))
+
     async def authorized(request: Request):
         check_api_key(settings, request.headers.get("authorization"))
 
-    app = FastAPI(title="huatuo-lite", lifespan=lifespan, dependencies=[Depends(authorized)],
+    app = FastAPI(title="huatuo-lite", lifespan=lifespan, dependencies=[Depends(same_site), Depends(authorized)],
                   docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
     model_card = {"id": settings.model_id, "object": "model", "created": created, "owned_by": "huatuo-lite"}
@@ -277,6 +288,7 @@ def create_app(model, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        check_json_content_type(request.headers.get("content-type"))
         chat = parse_request(await read_body(request, settings), settings)
         messages = chat.message_dicts()
         check_messages(settings, messages)
