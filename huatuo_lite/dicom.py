@@ -11,21 +11,82 @@ Steps for one frame (multi-frame files: the middle frame unless one is chosen):
 3. colour: RGB/YBR as pydicom decodes them (YBR converted to RGB), palette
    colour through its lookup table, scaled to 8 bits by bit depth.
 pydicom is an optional dependency: `pip install huatuo-lite[dicom]`.
+
+Limits: the header (Rows, Columns, SamplesPerPixel, NumberOfFrames) is checked
+before any pixel is decoded; only the chosen frame is decoded (pydicom's
+`index=`), so what is allocated is one frame, padded to a square later.
+Whatever else pydicom raises on a malformed file becomes one ImageError sentence.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from .errors import ImageError
+from . import image_limits as limits
+from .errors import HuatuoError, ImageError
 from .image import scale_to_uint8
 
 
 def load_dicom(source, frame: int | None = None, name: str | None = None) -> Image.Image:
     """A DICOM path or binary file object -> RGB PIL image of one frame."""
     name = name or str(source)
+    try:
+        return _load(source, frame, name)
+    except HuatuoError:
+        raise
+    except Exception as err:   # pydicom raises many kinds on malformed elements
+        raise ImageError(f"The DICOM file {name} cannot be displayed ({_reason(err)}): "
+                         "re-export the image.") from None
+
+
+def probe_dicom(source, name: str) -> int:
+    """The pixels of the chosen frame's padded square, from the header alone (the
+    per-image limit applied); the same ImageError as load_dicom for a bad header."""
+    try:
+        ds = _read_dataset(source, name, stop_before_pixels=True)
+        return _check_header(ds, name)[1]
+    except HuatuoError:
+        raise
+    except Exception as err:
+        raise ImageError(f"The DICOM file {name} cannot be displayed ({_reason(err)}): "
+                         "re-export the image.") from None
+
+
+def _reason(err: Exception) -> str:
+    text = " ".join(str(err).split())[:200]
+    return text or type(err).__name__
+
+
+def _check_header(ds, name: str) -> tuple[int, int]:
+    """(frames, padded square pixels) after refusing sizes that are absent or absurd."""
+    rows, cols = _header_int(ds, "Rows", name), _header_int(ds, "Columns", name)
+    samples = _header_int(ds, "SamplesPerPixel", name, default=1)
+    frames = _header_int(ds, "NumberOfFrames", name, default=1)
+    if frames < 0:
+        raise ImageError(f"The DICOM file {name} gives a negative Number of Frames ({frames}): "
+                         "re-export the image.")
+    if samples not in (1, 3):
+        raise ImageError(f"The DICOM file {name} has {samples} samples per pixel, not 1 "
+                         "(grayscale) or 3 (colour): re-export the image.")
+    return max(frames, 1), limits.check_image_size(cols, rows, name)
+
+
+def _header_int(ds, keyword: str, name: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        if default is not None:
+            return default
+        raise ImageError(f"The DICOM file {name} has no {keyword} element: re-export the image.")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ImageError(f"The DICOM file {name} has {keyword} {value!r}, which is not a whole "
+                         "number: re-export the image.") from None
+
+
+def _load(source, frame: int | None, name: str) -> Image.Image:
     ds = _read_dataset(source, name)
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = _check_header(ds, name)[0]
     index = n_frames // 2 if frame is None else frame
     if not 0 <= index < n_frames:
         raise ImageError(f"The DICOM file {name} has {n_frames} frames, so there is no frame "
@@ -46,14 +107,16 @@ def _pydicom():
     return pydicom
 
 
-def _read_dataset(source, name: str):
+def _read_dataset(source, name: str, stop_before_pixels: bool = False):
     pydicom = _pydicom()
     try:
         # force: files without the 128-byte preamble (but a .dcm name) are common.
-        ds = pydicom.dcmread(source, force=True)
+        ds = pydicom.dcmread(source, force=True, stop_before_pixels=stop_before_pixels)
     except Exception as err:   # pydicom raises many kinds on garbage input
-        raise ImageError(f"The file {name} is not a readable DICOM file ({err}): "
+        raise ImageError(f"The file {name} is not a readable DICOM file ({_reason(err)}): "
                          "check that it is a DICOM image.") from None
+    if stop_before_pixels:
+        return ds
     if "PixelData" not in ds:
         raise ImageError(f"The DICOM file {name} holds no image (no Pixel Data): "
                          "choose a DICOM file of an image series.")
@@ -73,8 +136,8 @@ def _decode_frame(ds, index: int | None, name: str) -> np.ndarray:
                 "decoder can read: install pylibjpeg with pylibjpeg-libjpeg, "
                 "pylibjpeg-openjpeg and pylibjpeg-rle (or python-gdcm), or export it "
                 "uncompressed.") from None
-        raise ImageError(f"The pixel data of the DICOM file {name} cannot be decoded ({err}): "
-                         "re-export the image.") from None
+        raise ImageError(f"The pixel data of the DICOM file {name} cannot be decoded "
+                         f"({_reason(err)}): re-export the image.") from None
 
 
 # ------------------------------------------------------------ grayscale ----
@@ -83,6 +146,7 @@ def _monochrome2(pixels: np.ndarray, ds, name: str) -> np.ndarray:
     values = processing.apply_modality_lut(pixels, ds)   # stored values -> e.g. HU
     if not _has_voi(ds):
         return scale_to_uint8(values, name)
+    _check_window(ds, name)
     low, high = _voi_output_range(ds)
     shown = processing.apply_voi_lut(values, ds).astype(np.float64)
     if high <= low:
@@ -96,8 +160,31 @@ def _monochrome1(pixels: np.ndarray, ds, name: str) -> np.ndarray:
 
 
 def _has_voi(ds) -> bool:
-    return bool(ds.get("VOILUTSequence")) or (
-        "WindowCenter" in ds and "WindowWidth" in ds)
+    return bool(ds.get("VOILUTSequence")) or ("WindowCenter" in ds and "WindowWidth" in ds)
+
+
+def _check_window(ds, name: str) -> None:
+    """pydicom refuses a LINEAR window narrower than 1 (others: not above 0) with a
+    ValueError; the file is wrong, so say so rather than guess a display."""
+    if ds.get("VOILUTSequence") or "WindowWidth" not in ds or "WindowCenter" not in ds:
+        return
+    width = ds.WindowWidth
+    first = width[0] if _is_multi(width) else width
+    try:
+        first = float(first)
+    except (TypeError, ValueError):
+        raise ImageError(f"The DICOM file {name} has the Window Width {first!r}, which is not a "
+                         "number: correct or remove its window.") from None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    linear = function == "LINEAR"
+    if (first < 1) if linear else not first > 0:
+        limit = "below 1, the least" if linear else "not above 0, as required"
+        raise ImageError(f"The DICOM file {name} has the Window Width {first:g}, {limit} for a "
+                         f"{function} window: correct or remove its window.")
+
+
+def _is_multi(value) -> bool:
+    return hasattr(value, "__getitem__") and not isinstance(value, (str, bytes))
 
 
 def _voi_output_range(ds) -> tuple[float, float]:
@@ -128,6 +215,9 @@ def _colour_to_uint8(pixels: np.ndarray, ds, name: str) -> np.ndarray:
 
 
 def _palette_to_uint8(pixels: np.ndarray, ds, name: str) -> np.ndarray:
+    if "RedPaletteColorLookupTableDescriptor" not in ds:
+        raise ImageError(f"The DICOM file {name} is PALETTE COLOR but has no palette (Red/Green/Blue "
+                         "Palette Color Lookup Table): re-export it as RGB or MONOCHROME2.")
     rgb = _pydicom().pixels.apply_color_lut(pixels, ds)
     bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     return _by_bit_depth(rgb, bits)

@@ -31,7 +31,14 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOR = tuple(int(m * 255) for m in IMAGE_MEAN)
 RESCALE = 1.0 / 255.0
 VISION_SELECT_LAYER = -2     # hidden_states[-2], CLS dropped ("patch")
-MAX_IMAGE_PIXELS = 20000 * 20000  # refuse decompression bombs above this
+# Limits on what image input may allocate (checked from headers, see image_limits.py).
+# Pixels are counted as expand2square allocates them: max(width, height)^2.
+MAX_IMAGE_PIXELS = 20000 * 20000  # one image; refuse decompression bombs above this
+# One request's images in all (env HUATUO_LITE_MAX_REQUEST_PIXELS overrides): as much
+# as one largest image. Images are decoded one at a time, so the peak memory is
+# one image's (2.1 GB peak RSS for six 1-bit 19999^2 PNGs, demo model); the budget bounds the time.
+MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
+MAX_IMAGE_FILE_BYTES = 1 << 30    # bytes read from one image file (an uncompressed 16-bit 20000^2 DICOM is 0.8 GB)
 
 
 # ------------------------------------------------------------ generation ----

@@ -46,7 +46,7 @@ def encode_images(engine: Engine, images: Sequence, cache: FeatureCache | None =
     already in `cache` (same preprocessed pixels) are not encoded again."""
     if not images:
         return []
-    pixels = image_mod.preprocess([image_mod.load_image(src) for src in images])
+    pixels = image_mod.load_request(images)   # budgets checked before any decoding
     keys = [image_mod.image_digest(p) for p in pixels]
     found = {}
     for key in dict.fromkeys(keys):                       # unique, in order

@@ -8,6 +8,8 @@ LLaVA's `expand2square`, then `CLIPImageProcessor` with the CLIP-L/336 settings)
    8-bit images convert exactly as PIL's `convert('RGB')` does (palette,
    transparency and alpha handled by PIL: alpha is dropped, not composited).
    DICOM files (`.dcm`, or "DICM" at byte 128) go to `huatuo_lite.dicom`.
+   Limits (regular files only, bytes read, pixels per image and per request)
+   are checked from headers before decoding: see `huatuo_lite.image_limits`.
 2. `expand2square(img)`: pad to a square with `family.PAD_COLOR`, the image
    pasted centred, exactly as LLaVA does.
 3. `preprocess(images)`: resize to `family.IMAGE_SIZE` square with PIL bicubic
@@ -38,11 +40,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from . import family
+from . import image_limits as limits
 from .errors import ImageError
 
 # PIL modes whose samples exceed 8 bits: convert('RGB') would clip them.
 HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# The formats we decode (the ones our error sentence names); PIL's others (EPS runs
+# Ghostscript, some read whole files on open) are refused as unknown.
+PIL_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP")
 _BOMB_GUARD = threading.Lock()   # Image.MAX_IMAGE_PIXELS is a process-wide setting
 
 
@@ -60,24 +66,29 @@ def load_image(source) -> Image.Image:
 
 
 def _from_path(path) -> Image.Image:
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"Cannot find the image file {path}: check the path and try again.")
-    if path.is_dir():
-        raise ImageError(f"{path} is a folder, not an image file: give the path of an image.")
-    return _from_bytes(path.read_bytes(), name=str(path))
+    return _from_bytes(limits.read_capped(path), name=str(path))
+
+
+def _file_object_name(handle) -> str:
+    return str(getattr(handle, "name", "") or "given as a file object")
 
 
 def _from_file_object(handle) -> Image.Image:
-    name = str(getattr(handle, "name", "") or "given as a file object")
-    return _from_bytes(handle.read(), name=name)
+    name = _file_object_name(handle)
+    return _from_bytes(limits.read_handle_capped(handle, name), name=name)
 
 
 def _from_bytes(data, name: str = "given as bytes") -> Image.Image:
+    data = _nonempty_bytes(data, name)
+    return _DECODERS[_sniff_format(data, name)](data, name)
+
+
+def _nonempty_bytes(data, name: str) -> bytes:
     data = bytes(data)
     if not data:
         raise ImageError(f"The image {name} is empty (0 bytes): re-export or re-download it.")
-    return _DECODERS[_sniff_format(data, name)](data, name)
+    limits.check_file_bytes(len(data), name)
+    return data
 
 
 def _sniff_format(data: bytes, name: str) -> str:
@@ -96,7 +107,7 @@ def _decode_dicom(data: bytes, name: str) -> Image.Image:
 def _decode_pil(data: bytes, name: str) -> Image.Image:
     img = _open_guarded(io.BytesIO(data), name)
     with img:
-        _check_pixel_count(img.size, name)
+        _check_pixel_count(img.size, name)   # from the header: nothing decoded yet
         _force_decode(img, name)
         return to_rgb(img, name)
 
@@ -111,7 +122,7 @@ def _open_guarded(handle, name: str) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, family.MAX_IMAGE_PIXELS
         try:
-            return Image.open(handle)
+            return Image.open(handle, formats=PIL_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageError(_too_large_sentence(name, None)) from None
         except UnidentifiedImageError:
@@ -141,12 +152,8 @@ def _too_large_sentence(name: str, size) -> str:
             "pixels (a guard against decompression bombs): downscale it first.")
 
 
-def _check_pixel_count(size, name: str) -> None:
-    width, height = size
-    if width * height > family.MAX_IMAGE_PIXELS:
-        raise ImageError(_too_large_sentence(name, size))
-    if width * height == 0:
-        raise ImageError(f"The image {name} has no pixels ({width}x{height}): use a real image.")
+def _check_pixel_count(size, name: str) -> int:
+    return limits.check_image_size(size[0], size[1], name)
 
 
 def _from_pil(img: Image.Image) -> Image.Image:
@@ -154,6 +161,81 @@ def _from_pil(img: Image.Image) -> Image.Image:
     _check_pixel_count(img.size, name)
     _force_decode(img, name)   # a lazily opened image may still be truncated
     return to_rgb(img, name)
+
+
+# ------------------------------------------------------------ requests ----
+def load_request(sources: Sequence) -> np.ndarray:
+    """All images of one request -> float32 [N, 3, S, S] (what preprocess returns).
+
+    Every image's header is read first and the request refused, before any pixel is
+    decoded, when their padded squares exceed the request budget; then the images
+    are decoded one at a time, so the peak memory is that of the largest one."""
+    sources = [_read_once(source) for source in sources]
+    limits.check_request([probe(source) for source in sources])
+    return preprocess(sources)
+
+
+def _read_once(source):
+    """A file object is read now (it cannot be read twice); other sources as they are."""
+    if hasattr(source, "read") and not isinstance(source, Image.Image):
+        name = _file_object_name(source)
+        return _NamedBytes(_nonempty_bytes(limits.read_handle_capped(source, name), name), name)
+    return source
+
+
+class _NamedBytes(bytes):
+    """Bytes read from a file object, keeping its name for our sentences."""
+
+    def __new__(cls, data: bytes, name: str):
+        self = super().__new__(cls, data)
+        self.name = name
+        return self
+
+
+def probe(source) -> tuple[str, int]:
+    """(name, pixels of its padded square) from the header alone; the same ImageError
+    as load_image for a source that cannot be read or exceeds the per-image limit."""
+    if isinstance(source, Image.Image):
+        name = str(getattr(source, "filename", "") or "given as a PIL image")
+        return name, _check_pixel_count(source.size, name)
+    if isinstance(source, np.ndarray):
+        name = f"given as an array of shape {source.shape}"
+        if source.ndim < 2:
+            raise ImageError(f"The image {name} is not HxW (grayscale), HxWx3 (RGB) "
+                             "or HxWx4 (RGBA): reshape it.")
+        return name, _check_pixel_count((source.shape[1], source.shape[0]), name)
+    if isinstance(source, (str, os.PathLike)):
+        name = str(source)
+        limits.check_regular_file(source, name)
+        try:
+            with open(source, "rb") as handle:
+                head = handle.read(132)
+        except OSError as err:
+            raise ImageError(f"Cannot read the image file {name} ({err.strerror or err}): "
+                             "check the file and its permissions.") from None
+        _nonempty_bytes(head, name)
+        return name, _PROBES[_sniff_format(head, name)](source, name)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = getattr(source, "name", "given as bytes")
+        data = _nonempty_bytes(source, name)
+        return name, _PROBES[_sniff_format(data, name)](io.BytesIO(data), name)
+    load_image(source)   # not a source we know: its one sentence
+    raise AssertionError("unreachable")
+
+
+def _probe_pil(source, name: str) -> int:
+    img = _open_guarded(source, name)
+    with img:
+        return _check_pixel_count(img.size, name)
+
+
+def _probe_dicom(source, name: str) -> int:
+    from . import dicom
+
+    return dicom.probe_dicom(source, name)
+
+
+_PROBES = {"dicom": _probe_dicom, "pil": _probe_pil}
 
 
 # ---------------------------------------------------------- conversion ----
@@ -213,6 +295,7 @@ _OPENERS = (
     (Image.Image, _from_pil),
     (np.ndarray, _from_array),
     ((str, os.PathLike), _from_path),
+    (_NamedBytes, lambda data: _from_bytes(data, data.name)),
     ((bytes, bytearray, memoryview), _from_bytes),
 )
 _DECODERS = {"dicom": _decode_dicom, "pil": _decode_pil}
@@ -249,8 +332,8 @@ def preprocess(images: Sequence | Image.Image) -> np.ndarray:
     side = family.IMAGE_SIZE
     batch = np.empty((len(images), 3, side, side), dtype=np.float32)
     for index, source in enumerate(images):
-        rgb = source if _is_rgb(source) else load_image(source)
-        batch[index] = pixel_values(rgb)
+        # No name holds the decoded image: it is freed before the next one is decoded.
+        batch[index] = pixel_values(source if _is_rgb(source) else load_image(source))
     return batch
 
 

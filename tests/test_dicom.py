@@ -162,3 +162,81 @@ def test_palette_colour_through_its_lut(tmp_path):
         setattr(ds, f"{colour}PaletteColorLookupTableData", np.array(values, np.uint16).tobytes())
     rgb = np.asarray(im.load_image(write(tmp_path, ds)))
     assert rgb.reshape(4, 3).tolist() == [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128, 128, 0]]
+
+
+# ------------------------------------------------------------ bad headers ----
+def _one_sentence(message: str, path) -> None:
+    assert str(path) in message and "\n" not in message and message.endswith(".")
+
+
+@pytest.mark.parametrize("width, function", [(0, None), (-5, None), (0, "SIGMOID")])
+def test_window_width_below_the_minimum_is_one_sentence(tmp_path, width, function):
+    raw = (np.arange(64).reshape(8, 8) * 100).astype(np.uint16)
+    ds = make_dataset(raw, bits=16, WindowCenter=100, WindowWidth=width)
+    if function:
+        ds.VOILUTFunction = function
+    path = write(tmp_path, ds)
+    with pytest.raises(ImageError, match=f"has the Window Width {width}, ") as info:
+        im.load_image(path)
+    _one_sentence(str(info.value), path)
+
+
+def test_palette_colour_without_its_table_is_one_sentence(tmp_path):
+    path = write(tmp_path, make_dataset(np.zeros((4, 4), np.uint8), "PALETTE COLOR", 8))
+    with pytest.raises(ImageError, match="is PALETTE COLOR but has no palette") as info:
+        im.load_image(path)
+    _one_sentence(str(info.value), path)
+
+
+@pytest.mark.parametrize("frames, expected", [(-3, "negative Number of Frames"),
+                                              ("x7", "is not a whole number")])
+def test_bad_frame_count_is_one_sentence(tmp_path, frames, expected):
+    ds = make_dataset(np.zeros((4, 4), np.uint8), bits=8)
+    # A value IS cannot hold is written as LO, as a broken writer leaves it.
+    ds.add_new(0x00280008, "IS" if isinstance(frames, int) else "LO", frames)
+    path = write(tmp_path, ds)
+    for load in (im.load_image, lambda src: im.load_request([src])):
+        with pytest.raises(ImageError, match=expected) as info:
+            load(path)
+        _one_sentence(str(info.value), path)
+
+
+def _rle_constant(side: int) -> Dataset:
+    """An 8-bit side x side RLE DICOM of zeros: a few MB on disk, side^2 bytes decoded."""
+    import struct
+
+    from pydicom.uid import RLELossless
+
+    runs, rest = divmod(side * side, 128)
+    segment = b"\x81\x00" * runs + (bytes([rest - 1]) + b"\x00" * rest if rest else b"")
+    ds = make_dataset(np.zeros((2, 2), np.uint8), bits=8)
+    ds.Rows = ds.Columns = side
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = encapsulate([struct.pack("<16I", 1, 64, *([0] * 14)) + segment
+                                + b"\0" * (len(segment) % 2)])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def test_large_rle_is_refused_from_its_header(tmp_path, monkeypatch):
+    # As the 410-megapixel RLE file, scaled down: the limit is checked from Rows x
+    # Columns before anything is decoded (pixel_array would raise here).
+    from huatuo_lite import family
+
+    path = write(tmp_path, _rle_constant(300))
+    monkeypatch.setattr(family, "MAX_IMAGE_PIXELS", 299 * 299)
+
+    decoded = []
+    real_pixel_array = pydicom.pixels.pixel_array
+    monkeypatch.setattr(pydicom.pixels, "pixel_array",
+                        lambda *args, **kwargs: decoded.append(1) or real_pixel_array(*args, **kwargs))
+    for load in (im.load_image, lambda src: im.load_request([src])):
+        with pytest.raises(ImageError, match=r"\(300x300 pixels, 90,000 once padded"):
+            load(path)
+    assert not decoded
+    monkeypatch.setattr(family, "MAX_IMAGE_PIXELS", 300 * 300)   # within the limit: decoded
+    assert im.load_image(path).size == (300, 300) and decoded
+
+
+def test_rle_within_the_limit_loads(tmp_path):
+    assert np.asarray(im.load_image(write(tmp_path, _rle_constant(40)))).max() == 0
