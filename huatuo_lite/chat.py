@@ -33,7 +33,8 @@ class ChatSession:
         return self._finish(question, self._start(question, gen))
 
     def stream(self, question: str, images=(), **gen):
-        """Yield the next answer's text as it comes; the answer joins the history."""
+        """Yield the next answer's text as it comes; the answer joins the history.
+        Closed early (the chat's Ctrl-C), it adds no turn and the pending images stay pending."""
         for image in images:
             self.add_image(image)
         with self.model.lock:

@@ -32,6 +32,32 @@ def test_chat_ends_at_end_of_input(tiny_7b):
     assert result.exit_code == 0
 
 
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo" / "gguf"
+DEMO_IMAGE = DEMO.parent / "eval" / "images" / "test_00000.png"     # an MRI with a lesion
+
+
+@pytest.mark.parametrize("last", ["\n", ""])        # the question ends with the input, too
+def test_chat_piped_lines_ending_in_backslash_make_one_question(last):
+    # The demo model answers the lettered question with its letter (A = Yes here) and the
+    # first line alone with no letter: the letter shows every line reached the model.
+    lines = ["Is any lesion visible? \\", "A. Yes \\", "B. No \\",
+             "Answer with the option's letter from the given choices directly."]
+    answers = []
+    for script in ("\n".join(lines) + last, lines[0].rstrip(" \\") + "\n"):
+        result = run("chat", "-m", DEMO, "--threads", "1", "--temperature", "0", "-q", DEMO_IMAGE, input=script)
+        assert result.exit_code == 0, result.output
+        answers.append(result.stdout.replace("> ", "").replace("... ", "").strip())
+    assert answers[0] == "A" and answers[1] != "A", answers
+
+
+def test_chat_help_command_and_no_history_written_from_a_pipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path))
+    result = run("chat", "-m", DEMO, "--threads", "1", "-q", input="/help\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "A line ending in \\ continues" in result.output and "Ctrl-C" in result.output
+    assert not (tmp_path / "chat_history").exists()      # scripts' questions are not kept
+
+
 @pytest.fixture()
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path))
