@@ -7,7 +7,11 @@ them restates a constant.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, field, fields, replace
+from numbers import Integral, Real
+
+from .errors import HuatuoError
 
 # ---------------------------------------------------------------- prompt ----
 # Upstream renders a turn as "<|user|>\n{images}{question}\n<|assistant|>\n" in
@@ -58,13 +62,55 @@ class GenerationConfig:
     max_new_tokens: int = 512
     seed: int | None = None
 
+    def __post_init__(self):
+        # Every surface (CLI, Python API, chat, eval, batch, server) builds one of
+        # these, so this is the one place options are checked.
+        for option in fields(self):
+            check_generation_option(option.name, getattr(self, option.name))
+
     def with_overrides(self, **values) -> "GenerationConfig":
         """A copy with every non-None value replaced (CLI/API options)."""
+        unknown = sorted(set(values) - {f.name for f in fields(self)})
+        if unknown:
+            raise HuatuoError(f"{unknown[0]!r} is not a generation option: use one of "
+                              f"{', '.join(f.name for f in fields(self))}.")
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+# Below this a sampled answer is greedy in all but name, and float32 logits divided
+# by it overflow to inf (1e-310 made every probability NaN): 0 is the way to ask for greedy.
+MIN_TEMPERATURE = 1e-4
+
+
+def _finite(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+# option -> (is the value acceptable, what to use instead); None is accepted only for seed
+GENERATION_RULES = {
+    "temperature": (lambda v: _finite(v) and (v == 0 or v >= MIN_TEMPERATURE),
+                    f"use 0 for greedy or a number from {MIN_TEMPERATURE:g} up (upstream uses 0.2)"),
+    "top_p": (lambda v: _finite(v) and 0 <= v <= 1, "use a number from 0 to 1 (1 turns it off)"),
+    "top_k": (lambda v: _whole(v) and v >= 0, "use a whole number from 0 up (0 turns it off)"),
+    "repetition_penalty": (lambda v: _finite(v) and v > 0, "use a number above 0 (1 turns it off)"),
+    "max_new_tokens": (lambda v: _whole(v) and v >= 1, "use a whole number from 1 up"),
+    "seed": (lambda v: v is None or (_whole(v) and v >= 0), "use a whole number from 0 up"),
+}
+
+
+def check_generation_option(name: str, value) -> None:
+    """Raise HuatuoError naming `name` when `value` cannot be used for it."""
+    ok, advice = GENERATION_RULES[name]
+    if not ok(value):
+        raise HuatuoError(f"{name} = {value!r} cannot be used: {advice}.")
 
 
 GENERATION_DEFAULTS = GenerationConfig()

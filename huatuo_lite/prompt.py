@@ -69,6 +69,9 @@ def validate(turns: Sequence[Turn]) -> None:
 def _check_turn(turn: Turn, is_last: bool) -> None:
     if not isinstance(turn.question, str) or not moderate(turn.question).strip():
         raise PromptError("The question is empty: type a question.")
+    if not is_utf8_text(turn.question):
+        raise PromptError("The question is not valid UTF-8 text (it holds undecodable bytes): "
+                          "type it again or set the terminal to UTF-8.")
     if family.IMAGE_PLACEHOLDER in turn.question:
         raise PromptError(
             f"The question contains the text {family.IMAGE_PLACEHOLDER!r}, which marks where "
@@ -79,6 +82,16 @@ def _check_turn(turn: Turn, is_last: bool) -> None:
         raise PromptError("The last turn already has an answer: add a new question to answer.")
     if not is_last and turn.answer is None:
         raise PromptError("An earlier turn has no answer: only the last question may be open.")
+
+
+def is_utf8_text(text: str) -> bool:
+    """False for a str holding lone surrogates: bytes on argv that were not UTF-8
+    arrive as U+DC80..U+DCFF (surrogateescape) and no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def count_images(turns: Sequence[Turn]) -> int:

@@ -260,3 +260,11 @@ def test_check_fits():
         pm.check_fits(5000, 512, 4096)
     assert "5000 tokens" in str(info.value) and "905 too many" in str(info.value)
     assert "fewer images" in str(info.value)
+
+
+def test_question_that_is_not_utf8_is_refused():
+    # what `huatuo-lite ask img.png $'\xff\xfe'` gives Python: lone surrogates (surrogateescape)
+    question = b"\xff\xfe what?".decode("utf-8", "surrogateescape")
+    with pytest.raises(PromptError, match="not valid UTF-8"):
+        pm.validate([pm.Turn(question=question, n_images=1)])
+    pm.validate([pm.Turn(question="这张胸部X光片显示了什么？", n_images=1)])   # real UTF-8 text passes

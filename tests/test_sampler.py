@@ -60,3 +60,40 @@ def test_seeded_sampling_is_reproducible_and_follows_distribution():
     sampler = Sampler(cfg)
     counts = np.bincount([sampler(logits) for _ in range(4000)], minlength=3) / 4000
     np.testing.assert_allclose(counts, [0.1, 0.2, 0.7], atol=0.03)
+
+
+# ------------------------------------------------- option validation (#16)
+BAD_OPTIONS = [("temperature", float("nan")), ("temperature", 1e-310), ("temperature", float("inf")),
+               ("temperature", -0.5), ("temperature", "0.2"), ("top_p", float("nan")), ("top_p", float("inf")),
+               ("top_p", 1.5), ("top_k", -1), ("top_k", 2.5), ("repetition_penalty", float("nan")),
+               ("repetition_penalty", float("inf")), ("repetition_penalty", 0.0), ("max_new_tokens", 0),
+               ("seed", -1), ("seed", True), ("seed", 1.5)]
+
+
+@pytest.mark.parametrize("name,value", BAD_OPTIONS)
+def test_bad_options_are_one_sentence_naming_the_option(name, value):
+    from huatuo_lite.errors import HuatuoError
+    from huatuo_lite.family import GENERATION_DEFAULTS
+
+    with pytest.raises(HuatuoError) as info:
+        GENERATION_DEFAULTS.with_overrides(**{name: value})
+    message = str(info.value)
+    assert message.startswith(f"{name} = ") and message.endswith(".") and message.count(". ") == 0, message
+    with pytest.raises(HuatuoError):
+        GenerationConfig(**{name: value})            # the constructor checks the same rules
+
+
+def test_smallest_temperature_samples_finite_probabilities():
+    from huatuo_lite.family import MIN_TEMPERATURE
+
+    sampler = Sampler(GenerationConfig(temperature=MIN_TEMPERATURE, top_k=0, repetition_penalty=1.0, seed=0))
+    logits = np.array([1e4, -1e4, 3e4, 0.0], dtype=np.float32)
+    assert sampler(logits) == 2
+
+
+def test_unknown_option_is_named():
+    from huatuo_lite.errors import HuatuoError
+    from huatuo_lite.family import GENERATION_DEFAULTS
+
+    with pytest.raises(HuatuoError, match="'tempreature' is not a generation option"):
+        GENERATION_DEFAULTS.with_overrides(tempreature=0.5)
