@@ -202,7 +202,23 @@ def _spm_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
     tokens, types = _fill_rows(by_id, n_rows)
     return {"model": "llama", "pre": "default", "tokens": tokens, "types": types,
             "scores": [scores.get(i, -1000.0) for i in range(n_rows)],
-            "add_space_prefix": proto.normalizer_spec.add_dummy_prefix}
+            "add_space_prefix": transformers_adds_space_prefix(tokenizer_dir)}
+
+
+def transformers_adds_space_prefix(tokenizer_dir: Path) -> bool:
+    """Whether transformers' tokenizer for this folder (AutoTokenizer: what the torch
+    reference runs and what the ONNX export saves as tokenizer.json) puts "▁" before a
+    text's first word. llama.cpp's add_space_prefix must say the same, and it is not
+    always tokenizer.model's add_dummy_prefix: with no tokenizer.json, transformers
+    converts a Yi-style model (add_dummy_prefix false) with a "▁" prefix unless
+    tokenizer_config.json says add_prefix_space false (measured: one prompt token more)."""
+    from transformers import AutoTokenizer
+
+    backend = AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=True).backend_tokenizer
+    text = backend.normalizer.normalize_str("a") if backend.normalizer is not None else "a"
+    if backend.pre_tokenizer is not None:
+        text = "".join(piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text))
+    return text.startswith("\u2581")
 
 
 def _fill_rows(by_id: dict, n_rows: int) -> tuple[list, list]:
