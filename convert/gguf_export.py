@@ -8,7 +8,6 @@ Everything is written in a staging folder and moved into OUT_DIR when complete.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
@@ -23,6 +22,7 @@ from .provenance import config_hash, source_entry, version
 from .checkpoint import open_checkpoint
 from .gguf_mmproj import PROJECTOR_TYPES, write_mmproj
 from .gguf_text import write_text_gguf
+from .model_meta import DEFAULT, model_meta
 
 # quant name -> (ggml type of weight matrices, general.file_type), written by the gguf package
 DIRECT_TYPES = {
@@ -44,22 +44,15 @@ INTERMEDIATE = {"bfloat16": "BF16"}
 VISION_ONNX = "vision.onnx"
 
 
-def model_name(ckpt) -> str:
-    """<Name> of the GGUF naming convention: the folder's name, or the repository's for a
-    huggingface-hub cache snapshot (.../models--Org--Name/snapshots/<sha>)."""
-    parts = Path(ckpt.root).resolve().parts
-    hub_snapshot = len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--")
-    name = parts[-3].split("--")[-1] if hub_snapshot else parts[-1]
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-
-
 def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
                 vision_onnx: bool = True, allow_pickle: bool = False, threads: int | None = None,
-                imatrix=None) -> Path:
+                imatrix=None, name: str | None = None, base_repo=DEFAULT, license=DEFAULT) -> Path:  # noqa: A002
     """Convert `src` into `out_dir`; returns the path of the text GGUF. `threads`: for
     llama.cpp's quantizer and the libmtmd self-test (default: all cores / 1). `imatrix`: a
     calibration JSON; the quant then uses an importance matrix (convert/imatrix.py, needs
-    the native tools)."""
+    the native tools). `name`, `base_repo`, `license`: the model's identity (model_meta;
+    default: the folder's name, the variant's upstream repository and its license).
+    Beside the files: manifest.json, an Ollama Modelfile and a README.md model card."""
     if quant not in DIRECT_TYPES and quant not in LLAMA_QUANTS:
         raise HuatuoError(f"Unknown quant {quant!r}: choose one of {', '.join([*DIRECT_TYPES, *LLAMA_QUANTS])}.")
     if mmproj_type not in MMPROJ_TYPES:
@@ -68,12 +61,13 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
         raise HuatuoError("An importance matrix only helps llama.cpp's quants: "
                           f"use --imatrix with {', '.join(LLAMA_QUANTS)}.")
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
-    name = model_name(ckpt)
+    meta = model_meta(ckpt, name, base_repo, license)
+    name = meta.name
     text_file, mmproj_file = f"{name}-{quant}.gguf", f"mmproj-{name}-{mmproj_type}.gguf"
     files, self_test = _earlier_conversion(out_dir, ckpt)
     with staging_dir(out_dir) as stage:
-        imatrix_record = _write_text(ckpt, stage, text_file, quant, name, threads or 0, imatrix)
-        write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], name)
+        imatrix_record = _write_text(ckpt, stage, text_file, quant, meta, threads or 0, imatrix)
+        write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], meta)
         vision_files = _write_vision(ckpt, stage) if vision_onnx else []
         if vision_onnx:
             self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX, threads or 1)
@@ -81,8 +75,24 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
         files.update({text_file: file_entry(stage / text_file, "text", quant=quant, **extra),
                       mmproj_file: file_entry(stage / mmproj_file, "mmproj", quant=mmproj_type)})
         files.update({p.name: file_entry(p, "vision" if p.name == VISION_ONNX else "data") for p in vision_files})
-        write_manifest(stage, _manifest(ckpt, name, files, self_test))
+        manifest = _manifest(ckpt, name, files, self_test)
+        write_manifest(stage, manifest)
+        _write_docs(stage, Path(out_dir), meta, manifest, text_file, mmproj_file)
     return Path(out_dir) / text_file
+
+
+def _write_docs(stage: Path, out_dir: Path, meta, manifest: dict, text_file: str, mmproj_file: str) -> None:
+    """The Ollama Modelfile (this conversion's text GGUF) and the README.md model card
+    (with FIDELITY.md's numbers when the folder already has that card)."""
+    from huatuo_lite.fidelity import FIDELITY_CARD
+
+    from .model_card import fidelity_from_card, write_card
+    from .modelfile import write_modelfile
+
+    others = sorted(e["quant"] for n, e in manifest["files"].items() if e["role"] == "text" and n != text_file)
+    write_modelfile(stage, text_file, mmproj_file, manifest["text"]["n_ctx"], others)
+    rows = fidelity_from_card(out_dir / FIDELITY_CARD)
+    write_card(stage, meta, manifest, fidelity_rows=rows, has_fidelity_card=bool(rows))
 
 
 def _earlier_conversion(out_dir, ckpt) -> tuple[dict, dict | None]:
@@ -101,15 +111,15 @@ def _earlier_conversion(out_dir, ckpt) -> tuple[dict, dict | None]:
     return kept, old.get("mtmd_self_test")
 
 
-def _write_text(ckpt, stage: Path, text_file: str, quant: str, name: str, threads: int,
+def _write_text(ckpt, stage: Path, text_file: str, quant: str, meta, threads: int,
                 imatrix=None) -> dict | None:
     """Write the text GGUF; returns the imatrix record when one was used."""
     if quant in DIRECT_TYPES:
-        write_text_gguf(ckpt, stage / text_file, *DIRECT_TYPES[quant], name)
+        write_text_gguf(ckpt, stage / text_file, *DIRECT_TYPES[quant], meta)
         return None
     inter = INTERMEDIATE.get(_stored_dtype(ckpt), "F32")
-    tmp = stage / f".{name}-{inter}.intermediate"
-    write_text_gguf(ckpt, tmp, *DIRECT_TYPES[inter], name)
+    tmp = stage / f".{meta.name}-{inter}.intermediate"
+    write_text_gguf(ckpt, tmp, *DIRECT_TYPES[inter], meta)
     try:
         if imatrix is not None:
             from .imatrix import quantize_with_imatrix

@@ -18,6 +18,7 @@ from gguf import VISION_PROJECTOR_TYPE_NAMES
 from huatuo_lite.family import IMAGE_MEAN, IMAGE_STD
 
 from .checkpoint import PROJECTOR_PREFIX, VISION_PREFIX
+from .model_meta import add_general
 from .gguf_stream import Q, PlannedTensor, iter_mapped, weight_qtype, write_streaming_gguf
 
 MMPROJ_ARCH = MODEL_ARCH_NAMES[MODEL_ARCH.MMPROJ]          # "clip"
@@ -99,10 +100,10 @@ def mmproj_arrays(ckpt, keep: int):
         yield from iter_mapped(ckpt.iter_tensors(prefix), convert)
 
 
-def add_clip_metadata(w: GGUFWriter, ckpt, keep: int, file_type: int, name: str) -> None:
+def add_clip_metadata(w: GGUFWriter, ckpt, keep: int, file_type: int, meta) -> None:
     vision, projector = ckpt.vision, ckpt.projector
     w.add_type(gguf.GGUFType.MMPROJ)
-    w.add_name(name)
+    add_general(w, meta)
     w.add_file_type(file_type)
     w.add_clip_has_vision_encoder(True)
     w.add_clip_projector_type(PROJECTOR_TYPES[projector.kind])
@@ -120,9 +121,9 @@ def add_clip_metadata(w: GGUFWriter, ckpt, keep: int, file_type: int, name: str)
     w.add_array(FEATURE_LAYER_KEY, [keep])
 
 
-def write_mmproj(ckpt, path: Path, qtype, file_type: int, name: str) -> Path:
+def write_mmproj(ckpt, path: Path, qtype, file_type: int, meta) -> Path:
     """Write the mmproj in F16 (weights; norms, biases and embeddings F32) or Q8_0."""
     keep = kept_blocks(ckpt.vision.num_layers, ckpt.vision.select_layer)
     return write_streaming_gguf(
-        path, MMPROJ_ARCH, lambda w: add_clip_metadata(w, ckpt, keep, file_type, name),
+        path, MMPROJ_ARCH, lambda w: add_clip_metadata(w, ckpt, keep, file_type, meta),
         mmproj_plan(ckpt, qtype, keep), mmproj_arrays(ckpt, keep), desc=Path(path).name)

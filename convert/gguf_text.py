@@ -18,6 +18,7 @@ from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.family import ANSWER_SUFFIX, ASSISTANT_TAG, IMAGE_LINE, IMAGE_PLACEHOLDER, USER_TAG
 from huatuo_lite.native import MTMD_MARKER  # noqa: F401 - re-exported: the template's marker
 
+from .model_meta import add_general
 from .gguf_stream import PlannedTensor, iter_mapped, weight_qtype, write_streaming_gguf
 
 TEXT_ARCH = {"qwen2": MODEL_ARCH.QWEN2, "llama": MODEL_ARCH.LLAMA}
@@ -255,12 +256,12 @@ def add_tokenizer(w: GGUFWriter, ckpt) -> None:
     w.add_chat_template(chat_template())
 
 
-def write_text_gguf(ckpt, path: Path, qtype, file_type: int, name: str) -> Path:
+def write_text_gguf(ckpt, path: Path, qtype, file_type: int, meta) -> Path:
     """Write the text model in one ggml type (F32/F16/BF16/Q8_0; vectors stay F32)."""
     arch = MODEL_ARCH_NAMES[TEXT_ARCH[ckpt.text.arch]]
 
     def metadata(w: GGUFWriter) -> None:
-        w.add_name(name)
+        add_general(w, meta)   # general.name, basename, size_label, license, base_model.*
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hparams(w, ckpt.text)

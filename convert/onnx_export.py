@@ -30,9 +30,12 @@ from tqdm import tqdm
 
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.family import CONTEXT_LENGTH, IMAGE_TOKENS
+from huatuo_lite.fidelity import FIDELITY_CARD
 from huatuo_lite.fsutil import staging_dir
 from huatuo_lite.manifest import check_sizes, file_entry, read_manifest, write_manifest
 
+from .model_card import fidelity_from_card, write_card
+from .model_meta import DEFAULT, model_meta
 from .provenance import source_entry, version
 from .checkpoint import open_checkpoint
 from .onnx_graph import EXPORTERS, check_graph
@@ -54,9 +57,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
                 force_external_data: bool = False, exporter: str = STREAM,
-                allow_pickle: bool = False) -> Path:
+                allow_pickle: bool = False, name: str | None = None, base_repo=DEFAULT,
+                license=DEFAULT) -> Path:  # noqa: A002
     """Convert `src` into `out_dir`; returns the path of decoder.onnx. `exporter`
-    picks the vision route (embed and decoder are always streamed)."""
+    picks the vision route (embed and decoder are always streamed). `name`, `base_repo`,
+    `license`: the model's identity for the manifest and the README.md card (model_meta)."""
     _check_options(quant, vision_quant, block_size)
     if exporter not in (STREAM, *EXPORTERS):
         raise HuatuoError(f"Unknown ONNX exporter {exporter!r}: choose one of {', '.join((STREAM, *EXPORTERS))}.")
@@ -70,7 +75,12 @@ def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", b
             files.update(_graph_entries(name, written, modes[name]))
         for path in copy_tokenizer(ckpt, stage):
             files[path.name] = file_entry(path, "tokenizer")
-        write_manifest(stage, _manifest(ckpt, files, _onnx_section(quant, vision_quant, block_size)))
+        meta = model_meta(ckpt, name or _model_name(ckpt), base_repo, license)
+        manifest = _manifest(ckpt, files, _onnx_section(quant, vision_quant, block_size))
+        manifest["name"] = meta.name
+        write_manifest(stage, manifest)
+        rows = fidelity_from_card(Path(out_dir) / FIDELITY_CARD)
+        write_card(stage, meta, manifest, fidelity_rows=rows, has_fidelity_card=bool(rows))
     return Path(out_dir) / DECODER
 
 

@@ -10,28 +10,50 @@ Ctrl-C 130.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 import click
 
 from . import __version__
-from .backends import BACKEND_MODULES
+from .cli_shared_options import engine_options, generation_options, model_options, quiet_option, sampling_options
 from .errors import HuatuoError
 from .family import DEMO_NOTICE, RESEARCH_NOTICE
 
 EXIT_INTERRUPTED = 130
+# a first word like this that is no file is a mistyped command, not an image or a question
+COMMAND_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
 
 class DefaultGroup(click.Group):
     """A group that runs `default_command` when the first word names no command."""
 
     default_command = "ask"
+    own_options = ("-v", "--verbose", "-q", "--quiet")       # the group's flags, before any command
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = [self.default_command, *args]
+        lead = 0
+        while lead < len(args) and args[lead] in self.own_options:
+            lead += 1
+        if lead < len(args) and self._is_default_command_input(ctx, args[lead]):
+            args = [*args[:lead], self.default_command, *args[lead:]]
         return super().parse_args(ctx, args)
+
+    def _is_default_command_input(self, ctx, word: str) -> bool:
+        """`huatuo-lite IMAGE QUESTION` runs ask; a word that looks like a command
+        name and is no file (`huatuo-lite frobnicate`) is a mistyped command, refused
+        before any model loads."""
+        if word in self.commands or word in ("--help", "-h", "--version"):
+            return False
+        if word.startswith("-") or not COMMAND_LIKE.fullmatch(word) or Path(word).exists():
+            return True
+        if ctx.resilient_parsing:        # shell completion of a half-typed command name
+            return False
+        ctx.fail(f"No such command {word!r}: use one of {', '.join(sorted(self.commands))}, "
+                 "or give an image and a question (huatuo-lite IMAGE QUESTION).")
 
     def invoke(self, ctx):
         try:
@@ -45,14 +67,33 @@ class DefaultGroup(click.Group):
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="huatuo-lite")
-def cli():
+@click.option("-v", "--verbose", is_flag=True, help="Show INFO logs on stderr, llama.cpp's own log included.")
+@click.option("-q", "--quiet", is_flag=True, help="Hide the research-use notice and progress bars.")
+def cli(verbose, quiet):
     """Run HuatuoGPT-Vision offline. With no command, `ask` is run.
 
     \b
     Examples:
       huatuo-lite ask -m MODEL_DIR scan.png "What abnormality is seen?"
       huatuo-lite convert gguf UPSTREAM_DIR OUT_DIR --quant Q4_K_M
+    \b
+    Shell completion (bash; zsh/fish: zsh_source/fish_source):
+      eval "$(_HUATUO_LITE_COMPLETE=bash_source huatuo-lite)"
     """
+    set_verbosity(verbose, quiet)
+
+
+def set_verbosity(verbose: bool, quiet: bool) -> None:
+    """-v: INFO logs (ours and llama.cpp's, whose engine reads HUATUO_LITE_VERBOSE);
+    -q: no notice (HUATUO_LITE_NO_NOTICE) and no progress bars (tqdm reads TQDM_DISABLE).
+    Environment variables, so worker processes (batch, eval) follow too."""
+    if verbose:
+        os.environ["HUATUO_LITE_VERBOSE"] = "1"
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+        logging.getLogger("llama-cpp-python").setLevel(logging.INFO)
+    if quiet:
+        os.environ["HUATUO_LITE_NO_NOTICE"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 def show_notice(quiet: bool) -> None:
@@ -69,20 +110,11 @@ def read_image_arg(value: str):
 @cli.command()
 @click.argument("args", nargs=-1, required=True, metavar="[IMAGE]... QUESTION")
 @click.option("-a", "--attach", multiple=True, help="An image (repeatable); same as a positional IMAGE.")
-@click.option("-m", "--model", "model", help="Model folder (upstream checkpoint or converted) or stored name.")
-@click.option("-b", "--backend", type=click.Choice(sorted(BACKEND_MODULES)), help="Engine; default: the model folder's own.")
-@click.option("--quant", help="Which quantization to load when a folder holds several (e.g. Q4_K_M).")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: physical cores).")
-@click.option("--gpu-layers", type=click.IntRange(-1), help="Layers offloaded to Metal/CUDA (GGUF; -1 = all).")
-@click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider: cpu, cuda, coreml (ONNX).")
-@click.option("--temperature", type=click.FloatRange(0), help="0 = greedy. Upstream default 0.2.")
-@click.option("--top-p", type=click.FloatRange(0, 1), help="Nucleus sampling mass (default 1.0 = off).")
-@click.option("--top-k", type=click.IntRange(0), help="Top-k before sampling (HF default 50; 0 = off).")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), help="Upstream default 1.2; 1.0 turns it off.")
-@click.option("--max-tokens", type=click.IntRange(1), help="Most new tokens (default 512).")
-@click.option("--seed", type=int, help="Seed for sampling.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object: answer, token counts, timings.")
-@click.option("-q", "--quiet", is_flag=True, help="Do not print the research-use notice.")
+@model_options
+@sampling_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON object: answer, token counts, usage, timings; errors as {\"error\": ...}.")
+@quiet_option
 def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, temperature, top_p, top_k,
         repetition_penalty, max_tokens, seed, as_json, quiet):
     """Answer QUESTION about the IMAGEs (at most 6; `-` reads one from stdin).
@@ -93,15 +125,28 @@ def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, tem
       huatuo-lite ask -m ./hv7b-gguf --json --temperature 0 ct.png "Describe the lesion."
       cat scan.jpg | huatuo-lite ask -m ./hv7b-gguf - "Which organ is shown?"
     """
+    *images, question = args
+    if question == "-" or Path(question).is_file():
+        raise click.UsageError(f"{question!r} is a file, and there is no question after it: add the "
+                               f"question as the last argument, e.g. huatuo-lite ask {question} \"What is shown?\".")
+    try:
+        answer_question(images, attach, question, model, backend, as_json, quiet,
+                        engine_options(quant, threads, gpu_layers, providers),
+                        generation_options(temperature, top_p, top_k, repetition_penalty, max_tokens, seed))
+    except HuatuoError as exc:
+        if as_json:      # stdout stays one JSON object; the sentence and exit code are as without --json
+            click.echo(json.dumps(error_object(exc), ensure_ascii=False, indent=2))
+        raise
+
+
+def answer_question(images, attach, question, model, backend, as_json, quiet, options, gen):
+    from . import prompt
     from .api import load
 
-    *images, question = args
+    # refuse a bad question (empty, not UTF-8, too many images) before loading a model
+    prompt.validate([prompt.Turn(question=question, n_images=len(images) + len(attach))])
     images = [read_image_arg(a) for a in [*images, *attach]]
     show_notice(quiet or as_json)
-    options = {k: v for k, v in dict(quant=quant, threads=threads, gpu_layers=gpu_layers,
-                                     providers=list(providers) or None).items() if v is not None}
-    gen = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-               max_new_tokens=max_tokens, seed=seed)
     with load(model_or_default(model), backend=backend, **options) as hv, hv.lock:
         generation = hv.generation(images, question, **gen)
         stream = sys.stdout.isatty() and not as_json
@@ -113,6 +158,14 @@ def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, tem
             click.echo(json.dumps({**answer.to_dict(), "model": str(hv.path), "backend": hv.backend}, ensure_ascii=False, indent=2))
         else:
             click.echo("" if stream else answer.text)
+
+
+def error_object(exc: HuatuoError) -> dict:
+    """An OpenAI-style error body, with the server's `code` for our error classes."""
+    from .server import HUATUO_ERROR_CODES
+
+    code = next(c for kind, c in HUATUO_ERROR_CODES.items() if isinstance(exc, kind))
+    return {"error": {"message": str(exc), "type": "invalid_request_error", "code": code}}
 
 
 def model_or_default(model):

@@ -9,6 +9,8 @@ import importlib
 import click
 
 from .errors import HuatuoError
+from .manifest import read_manifest
+from .native import self_test_verdict
 
 CONVERT_EXTRA_HINT = "install the conversion tools with `pip install 'huatuo-lite[convert]'` (torch first, see README)"
 
@@ -51,7 +53,9 @@ def convert_tiny(out_dir, variant, seed):
 @click.option("--imatrix", "calibration", type=click.Path(dir_okay=False, exists=True), default=None,
               metavar="CALIB.json", help="Quantize with an importance matrix computed on these question/answer "
               "records (PubMedVision or eval format); needs the native tools (CMakeLists.txt).")
-def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration):
+@click.option("--name", default=None, help="The model's name for the file names and metadata "
+              "(NAME-QUANT.gguf, mmproj-NAME-F16.gguf; default: the source folder's name).")
+def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, name):
     """Convert an upstream folder to a GGUF text model + mmproj (+ vision.onnx).
 
     \b
@@ -60,7 +64,8 @@ def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration):
       huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M --imatrix calib.json
     """
     out = convert_module("gguf_export").export_gguf(src, out_dir, quant=quant, mmproj_type=mmproj_type,
-                                                     allow_pickle=allow_pickle, imatrix=calibration)
+                                                     allow_pickle=allow_pickle, imatrix=calibration, name=name)
+    click.echo(self_test_verdict(read_manifest(out_dir).get("mtmd_self_test")), err=True)
     click.echo(str(out))
 
 
@@ -71,7 +76,9 @@ def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration):
 @click.option("--vision-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "int8"]))
 @click.option("--block-size", default=32, show_default=True, type=click.IntRange(16), help="int4/int8 block size.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
-def convert_onnx(src, out_dir, quant, vision_quant, block_size, allow_pickle):
+@click.option("--name", default=None, help="The model's name for the manifest and model card "
+              "(default: the source's name).")
+def convert_onnx(src, out_dir, quant, vision_quant, block_size, allow_pickle, name):
     """Convert an upstream folder to vision/embed/decoder ONNX graphs.
 
     \b
@@ -79,5 +86,5 @@ def convert_onnx(src, out_dir, quant, vision_quant, block_size, allow_pickle):
       huatuo-lite convert onnx ./HuatuoGPT-Vision-7B ./hv7b-onnx --quant int4
     """
     out = convert_module("onnx_export").export_onnx(src, out_dir, quant=quant, vision_quant=vision_quant,
-                                                    block_size=block_size, allow_pickle=allow_pickle)
+                                                    block_size=block_size, allow_pickle=allow_pickle, name=name)
     click.echo(str(out))

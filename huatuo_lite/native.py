@@ -159,3 +159,19 @@ def mtmd_cli_answer(text_gguf: Path, mmproj: Path, images: Sequence, question: s
             return done.stdout.strip()
     raise HuatuoError(f"llama-mtmd-cli lost its output {CLI_ATTEMPTS} times in a row; "
                       "run it again on a less loaded machine.")
+
+
+def self_test_verdict(result: dict | None) -> str:
+    """One sentence on libmtmd's image path: the conversion's self-test (manifest
+    "mtmd_self_test": libmtmd's image features vs vision.onnx's), for convert, models info
+    and the model card."""
+    if not result:
+        return "Image-path self-test: not run (no vision.onnx was written)."
+    if result.get("passed"):
+        return (f"Image-path self-test: passed (min cosine {result['min_cosine']:.4f}, mean "
+                f"{result['mean_cosine']:.4f}): this llama.cpp computes the image features like the reference.")
+    if "min_cosine" not in result:
+        return f"Image-path self-test: could not run ({result.get('error', 'unknown error')})."
+    return (f"Image-path self-test: failed (min cosine {result['min_cosine']:.4f}, mean {result['mean_cosine']:.4f}): "
+            "stock llama.cpp/Ollama image answers will be wrong until llama.cpp is fixed; "
+            "huatuo-lite uses vision.onnx.")

@@ -89,7 +89,8 @@ def test_manifest_and_folder_contents(gguf_7b_f32, tiny_7b):
 
     manifest = json.loads((gguf_7b_f32 / "manifest.json").read_text())
     on_disk = sorted(p.name for p in gguf_7b_f32.iterdir())
-    assert on_disk == sorted([*manifest["files"], "manifest.json"])   # nothing else, no leftovers
+    # nothing else, no leftovers; the Modelfile and model card are documents, not model files
+    assert on_disk == sorted([*manifest["files"], "manifest.json", "Modelfile", "README.md"])
     roles = sorted(e["role"] for e in manifest["files"].values())
     assert roles == ["mmproj", "text", "vision"]
     for name, entry in manifest["files"].items():
@@ -356,7 +357,10 @@ def test_one_folder_holds_several_quants(gguf_7b_f16, tiny_7b, tiny_34b, tmp_pat
     export_gguf(tiny_7b, folder, quant="Q8_0", vision_onnx=False)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(e["quant"] for e in manifest["files"].values() if e["role"] == "text") == ["F16", "Q8_0"]
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest["files"], "manifest.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest["files"], "manifest.json", "Modelfile",
+                                                               "README.md"])
+    assert "Other text quants in this folder: F16" in (folder / "Modelfile").read_text()
+    assert "Quants: F16, Q8_0." in (folder / "README.md").read_text()
     for quant, expected in ((None, "Q8_0"), ("F16", "F16")):
         engine = open_gguf(folder, quant=quant)
         assert engine.text_path.name.endswith(f"-{expected}.gguf")
