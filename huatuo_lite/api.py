@@ -1,8 +1,10 @@
 """The Python API: `huatuo_lite.load(...)` -> HuatuoVision.
 
-    with huatuo_lite.load("models/demo") as model:
-        answer = model.ask("chest.png", "Is there a lesion?")
-        print(answer.text, answer.timings)
+    import huatuo_lite
+
+    with huatuo_lite.load("models/demo/gguf") as model:
+        answer = model.ask("chest.png", "Is there a lesion?", temperature=0)
+        print(answer.text, answer.usage(), answer.timings)
 
 Backend-agnostic; a model object may be shared between threads (calls are
 serialised by a lock, since an engine holds one KV cache).
@@ -16,9 +18,12 @@ from typing import Iterator, Sequence
 from . import store
 from .backends import load_backend
 from .cache import FeatureCache
+from .errors import HuatuoError
 from .family import GENERATION_DEFAULTS, GenerationConfig
 from .generate import Answer, run
 from .prompt import Turn
+
+CLOSED = "This model was closed; load it again with huatuo_lite.load(...)."
 
 
 class HuatuoVision:
@@ -60,6 +65,8 @@ class HuatuoVision:
         return openai_compat.chat_completion(self, messages, stream, gen)
 
     def _start(self, images, question, history, gen, history_images=()):
+        if self.engine is None:
+            raise HuatuoError(CLOSED)
         return run(self.engine, as_image_list(images), question, history, generation_config(**gen),
                    history_images=history_images, cache=self.feature_cache)
 
@@ -93,9 +100,16 @@ def generation_config(**options) -> GenerationConfig:
     return GENERATION_DEFAULTS.with_overrides(**options)
 
 
-def load(model, backend: str | None = None, **options) -> HuatuoVision:
+def load(model=None, backend: str | None = None, **options) -> HuatuoVision:
     """Open a model folder or stored name with its backend (chosen from the folder
-    when not given). Options go to the engine: threads, n_ctx, gpu_layers, quant."""
+    when not given). Options go to the engine: threads, n_ctx, gpu_layers, quant.
+    With no model: $HUATUO_LITE_MODEL, the one stored model, or the bundled demo
+    model (a pipeline demonstration, not a medical model), as `huatuo-lite ask`."""
+    if model is None:
+        model = store.default_model()
+        if model is None:
+            raise HuatuoError("No model given: pass a model folder, e.g. huatuo_lite.load(\"./hv7b-gguf\") "
+                              "(see `huatuo-lite convert --help`).")
     path = store.resolve(model)
     name = store.backend_for(path, backend)
     engine = load_backend(name).open_engine(path, **options)

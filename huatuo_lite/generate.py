@@ -34,10 +34,30 @@ class Answer:
     peak_memory_mb: float = 0.0
     token_ids: list = field(default_factory=list)
 
+    def usage(self) -> dict:
+        """OpenAI's `usage` object."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def llama_timings(self) -> dict:
+        """llama-server's `timings` names. prompt_* is the prefill (image encoding apart,
+        as image_ms); predicted_per_second is our decode rate (tokens after the first
+        over the decode time, as decode_tokens_per_s)."""
+        t = self.timings
+        return {"prompt_n": self.prompt_tokens, "prompt_ms": t.get("prefill_s", 0.0) * 1000,
+                "prompt_per_second": t.get("prefill_tokens_per_s", 0.0),
+                "predicted_n": self.completion_tokens, "predicted_ms": t.get("decode_s", 0.0) * 1000,
+                "predicted_per_second": t.get("decode_tokens_per_s", 0.0),
+                "image_ms": t.get("image_encode_s", 0.0) * 1000}
+
     def to_dict(self) -> dict:
+        """`ask --json`'s object: answer, token counts, `usage`, and `timings` holding
+        both our names (prefill_s, ...) and llama-server's (prompt_ms, ...)."""
         data = asdict(self)
         data.pop("token_ids")
         data["answer"] = data.pop("text")
+        data["usage"] = self.usage()
+        data["timings"] = {**self.timings, **self.llama_timings()}
         return data
 
 

@@ -109,3 +109,59 @@ def test_load_in_a_guarded_process_is_offline(tiny_7b, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
     with api.load(tiny_7b, backend="torch") as hv:
         assert hv.ask(EXAMPLE, "Q?", **GREEDY).completion_tokens > 0
+
+
+# ------------------------------------------------------------------ #16/#17
+def test_package_exports_load_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, huatuo_lite; assert 'huatuo_lite.api' not in sys.modules and 'numpy' not in sys.modules; "
+            "assert huatuo_lite.load is huatuo_lite.api.load; from huatuo_lite import Answer, HuatuoError; "
+            "print(sorted(set(huatuo_lite.LAZY_EXPORTS) - set(dir(huatuo_lite))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_closed_model_says_so(tiny_7b):
+    from huatuo_lite.errors import HuatuoError
+
+    hv = api.load(tiny_7b, backend="torch")
+    hv.close()
+    for call in (lambda: hv.ask(EXAMPLE, "What?"), lambda: list(hv.stream(EXAMPLE, "What?")),
+                 lambda: hv.generation([], "What?")):
+        with pytest.raises(HuatuoError, match=r"^This model was closed; load it again with huatuo_lite\.load"):
+            call()
+
+
+@pytest.mark.parametrize("options", [dict(temperature=float("nan")), dict(temperature=1e-310), dict(seed=-1),
+                                     dict(top_p=float("inf")), dict(repetition_penalty=float("nan"))])
+def test_bad_generation_options_raise_before_generating(model, options):
+    from huatuo_lite.errors import HuatuoError
+
+    name = next(iter(options))
+    with pytest.raises(HuatuoError, match=f"^{name} = "):
+        model.ask(EXAMPLE, "What?", **options)
+
+
+def test_load_without_a_model_uses_the_default(monkeypatch, tmp_path):
+    from huatuo_lite import store
+    from huatuo_lite.errors import HuatuoError
+
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path))
+    monkeypatch.delenv("HUATUO_LITE_MODEL", raising=False)
+    monkeypatch.setattr(store, "demo_model", lambda: None)      # an install without the demo model
+    with pytest.raises(HuatuoError, match="^No model given"):
+        api.load()
+
+
+def test_answer_dict_has_usage_and_llama_timings(model):
+    data = model.ask(EXAMPLE, "What?", **GREEDY).to_dict()
+    assert data["usage"] == {"prompt_tokens": data["prompt_tokens"], "completion_tokens": data["completion_tokens"],
+                             "total_tokens": data["prompt_tokens"] + data["completion_tokens"]}
+    timings = data["timings"]
+    assert timings["prompt_n"] == data["prompt_tokens"] and timings["predicted_n"] == data["completion_tokens"]
+    assert timings["prompt_ms"] == pytest.approx(timings["prefill_s"] * 1000)
+    assert timings["predicted_ms"] == pytest.approx(timings["decode_s"] * 1000)
+    assert timings["prompt_per_second"] == timings["prefill_tokens_per_s"]
+    assert timings["predicted_per_second"] == timings["decode_tokens_per_s"]

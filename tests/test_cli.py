@@ -3,6 +3,7 @@ one clear sentence + the right exit code for bad input."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,10 @@ def test_ask_json_greedy(tiny_7b):
     assert data["prompt_tokens"] > 576                 # one image is 576 positions
     assert {"prefill_s", "decode_s", "image_encode_s"} <= set(data["timings"])
     assert isinstance(data["answer"], str)
+    assert data["usage"]["total_tokens"] == data["prompt_tokens"] + data["completion_tokens"]
+    assert {"prompt_n", "prompt_ms", "predicted_n", "predicted_ms", "predicted_per_second",
+            "prompt_per_second"} <= set(data["timings"])
+    assert data["timings"]["predicted_n"] == data["completion_tokens"]
 
 
 def test_default_command_is_ask_and_greedy_is_deterministic(tiny_7b):
@@ -178,3 +183,114 @@ def test_several_installed_models_need_a_choice(monkeypatch, tmp_path):
     monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path))
     monkeypatch.delenv("HUATUO_LITE_MODEL", raising=False)
     assert_one_sentence_error(invoke("ask", "-q", EXAMPLE, "Q?"), 1, "--model")
+
+
+# ------------------------------------------------------------ #16 / #17 input checks
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """api.load that fails loudly: these inputs must be refused before any model loads."""
+    import huatuo_lite.api as api
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(api, "load", refuse)
+
+
+BAD_OPTIONS = [("--temperature", "nan"), ("--temperature", "1e-310"), ("--temperature", "inf"),
+               ("--seed", "-1"), ("--top-p", "nan"), ("--top-p", "inf"), ("--repetition-penalty", "nan"),
+               ("--repetition-penalty", "inf"), ("--top-k", "-1"), ("--max-tokens", "0"), ("--temperature", "warm")]
+
+
+@pytest.mark.parametrize("option,value", BAD_OPTIONS)
+def test_bad_generation_options_are_usage_errors(option, value, no_model_load):
+    for command in ("ask", "chat"):
+        args = [command, option, value] + ([EXAMPLE, "Q?"] if command == "ask" else [])
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert option in result.output and "Traceback" not in result.output
+
+
+def test_question_that_is_not_utf8(no_model_load):
+    question = b"\xff\xfe".decode("utf-8", "surrogateescape")      # as argv gives undecodable bytes
+    assert_one_sentence_error(invoke("ask", "-q", EXAMPLE, question), 1, "not valid UTF-8")
+
+
+def test_question_that_is_not_utf8_in_a_real_process():
+    done = subprocess.run([sys.executable, "-m", "huatuo_lite.cli", "ask", "-q", "-m", "no-such-model", EXAMPLE,
+                           b"\xff\xfe"], capture_output=True)
+    assert done.returncode == 1 and b"Traceback" not in done.stderr
+    assert b"not valid UTF-8" in done.stderr
+
+
+def test_mistyped_command_is_a_usage_error(no_model_load):
+    result = invoke("frobnicate", "x")
+    assert result.exit_code == 2
+    assert "No such command 'frobnicate'" in result.output and "ask" in result.output and "convert" in result.output
+
+
+def test_default_command_takes_images_questions_and_options(monkeypatch):
+    import huatuo_lite.api as api
+
+    for key in ("HUATUO_LITE_NO_NOTICE", "TQDM_DISABLE"):          # the group's -q sets them: undo after
+        monkeypatch.setenv(key, os.environ.get(key, "")) if key in os.environ else monkeypatch.delenv(key, raising=False)
+    from huatuo_lite.errors import HuatuoError
+
+    seen = []
+
+    def fake_load(model, **kwargs):
+        seen.append(model)
+        raise HuatuoError("stop here.")
+
+    monkeypatch.setattr(api, "load", fake_load)
+    for args in ([EXAMPLE, "What is shown?"], ["-m", "some-model", EXAMPLE, "Q?"], ["What is a pneumothorax?"],
+                 ["-q", "-m", "some-model", "Q?"]):
+        result = invoke(*args)
+        assert result.exit_code == 1 and "stop here." in result.output, (args, result.output)
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("args", [["ask", EXAMPLE], [EXAMPLE], ["ask", "-"]])
+def test_image_without_a_question_is_a_usage_error(args, no_model_load):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert "no question" in result.output and "add the question" in result.output
+
+
+def test_json_errors_are_json_on_stdout(tmp_path):
+    result = CliRunner().invoke(cli, ["ask", "--json", "-m", str(tmp_path / "missing"), EXAMPLE, "Q?"])
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert "missing" in error["message"] and error["type"] == "invalid_request_error"
+    assert error["code"] == "model_error"
+    assert error["message"] in result.stderr                 # the sentence on stderr, as without --json
+
+
+def test_group_quiet_and_verbose(monkeypatch):
+    import os
+
+    import huatuo_lite.api as api
+    from huatuo_lite.errors import HuatuoError
+
+    seen = {}
+
+    def fake_load(model, **kwargs):
+        seen.update({k: os.environ.get(k) for k in ("HUATUO_LITE_NO_NOTICE", "TQDM_DISABLE", "HUATUO_LITE_VERBOSE")})
+        raise HuatuoError("stop here.")
+
+    monkeypatch.setattr(api, "load", fake_load)
+    clean = {"HUATUO_LITE_NO_NOTICE": None, "TQDM_DISABLE": None, "HUATUO_LITE_VERBOSE": None}
+    result = CliRunner().invoke(cli, ["-m", "x", EXAMPLE, "Q?"], env=clean)
+    assert "research use only" in result.stderr and seen == dict.fromkeys(clean)
+    result = CliRunner().invoke(cli, ["-q", "-v", "ask", "-m", "x", EXAMPLE, "Q?"], env=clean)
+    assert "research use only" not in result.stderr
+    assert seen == {"HUATUO_LITE_NO_NOTICE": "1", "TQDM_DISABLE": "1", "HUATUO_LITE_VERBOSE": "1"}
+
+
+def test_shell_completion():
+    env = {**os.environ, "_HUATUO_LITE_COMPLETE": "bash_source"}
+    done = subprocess.run([sys.executable, "-m", "huatuo_lite.cli"], env=env, capture_output=True, text=True)
+    assert "_huatuo_lite_completion" in done.stdout and "complete " in done.stdout
+    env.update(_HUATUO_LITE_COMPLETE="bash_complete", COMP_WORDS="huatuo-lite conv", COMP_CWORD="1")
+    done = subprocess.run([sys.executable, "-m", "huatuo_lite.cli"], env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["plain,convert"]

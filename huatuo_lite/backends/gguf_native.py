@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import struct
 from pathlib import Path
 
@@ -13,11 +14,13 @@ from ..errors import ModelFormatError
 
 
 def quiet_llama() -> None:
-    """Silence llama.cpp's and libmtmd's info logs (errors still show)."""
+    """Silence llama.cpp's and libmtmd's info logs (errors still show), unless
+    `huatuo-lite -v` asked for them (it sets HUATUO_LITE_VERBOSE)."""
     import llama_cpp
     from llama_cpp import _logger, mtmd_cpp
 
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    verbose = bool(os.environ.get("HUATUO_LITE_VERBOSE"))
+    logging.getLogger("llama-cpp-python").setLevel(logging.INFO if verbose else logging.ERROR)
     for setter in (getattr(mtmd_cpp, "mtmd_log_set", None), getattr(mtmd_cpp, "mtmd_helper_log_set", None)):
         if setter is not None:
             setter(_logger.llama_log_callback, ctypes.c_void_p(0))
