@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
+import itertools
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -407,3 +411,72 @@ def test_include_usage_with_the_openai_client(open_server):
     whole = client.chat.completions.create(model="anything", messages=user("Usage?"), **GREEDY)
     assert whole.model == "tiny-7b" and whole.model_extra["timings"]["prompt_n"] == whole.usage.prompt_tokens
     assert [m.id for m in client.models.list().data] == ["tiny-7b"]
+
+
+# ------------------------------------------------------------ memory ----
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo" / "gguf"
+LEAK_BYTES_PER_REQUEST = 10 * 1024     # a leak this size per request would add 10 MB over 1000
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+def memory_requests(n_images: int):
+    """The rotation each round of the RSS test sends: answers, streams, refusals."""
+    images = ["data:image/png;base64," + base64.b64encode(noise_png(i)).decode() for i in range(n_images)]
+    for index in itertools.count():
+        image = images[index % n_images]
+        yield [{"messages": user("What is seen?", image), "max_tokens": 2, "temperature": 0},
+               {"messages": user("Stream?", image), "max_tokens": 2, "stream": True,
+                "stream_options": {"include_usage": True}},
+               {"messages": user("x", "xy:scan.png"), "max_tokens": 2},
+               b'{"messages": [{"role": "user", "content": "\\ud800"}]}'][index % 4]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEMO.is_dir() or not Path("/proc/self/status").exists(),
+                    reason="needs models/demo and /proc")
+def test_rss_stays_flat_over_1000_requests(tmp_path):
+    """`huatuo-lite serve` on the demo model: resident memory after 1000 more
+    requests (answers, streams, refusals) is within a small leak's worth of
+    what it was after a warm-up that filled the image cache and the allocators."""
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen([sys.executable, "-m", "huatuo_lite.cli", "serve", "-m", str(DEMO), "--port", str(port),
+                               "--threads", "1", "-q"], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HUATUO_LITE_NO_NOTICE": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            with contextlib.suppress(OSError):
+                if raw(base + "/health", key=None)[0] == 200:
+                    break
+            time.sleep(0.2)
+        loaded = rss_mb(server.pid)
+        requests = memory_requests(8)
+        statuses = {}
+        for count in (200, 1000):
+            for body in itertools.islice(requests, count):
+                status = raw(base + "/v1/chat/completions", body, key=None)[0]
+                statuses[status] = statuses.get(status, 0) + 1
+            if count == 200:
+                warm = rss_mb(server.pid)
+        after = rss_mb(server.pid)
+        print(f"serve RSS: loaded {loaded:.1f} MB, after 200 warm-up requests {warm:.1f} MB, "
+              f"after 1000 more {after:.1f} MB; statuses {statuses}")
+        assert statuses == {200: 600, 400: 600}
+        assert after - warm < 1000 * LEAK_BYTES_PER_REQUEST / 2**20
+    finally:
+        server.terminate()
+        server.wait(20)
+        log.close()
