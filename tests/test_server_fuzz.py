@@ -73,10 +73,25 @@ OPTIONS = st.fixed_dictionaries({}, optional={
 MAX_TOKENS = st.one_of(st.integers(1, 2), st.integers(-5, 0), JSON.filter(lambda v: v is not None))
 
 
+# well-formed requests with extreme but valid options: these reach generation
+VALID = st.fixed_dictionaries({
+    "messages": st.lists(st.one_of(st.text(max_size=20), st.lists(st.one_of(
+        st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=20)}),
+        st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.fixed_dictionaries({"url": URLS})})),
+        max_size=3)).map(lambda content: {"role": "user", "content": content}), min_size=1, max_size=1),
+    "max_tokens": st.integers(1, 2)}, optional={
+    "temperature": st.floats(0, 2), "top_p": st.floats(0, 1, exclude_min=True), "top_k": st.integers(0, 2**31 - 1),
+    "seed": st.integers(0, 2**64 - 1), "repetition_penalty": st.floats(0, 100, exclude_min=True),
+    "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "model": st.text(max_size=10)})
+
+
 @st.composite
 def bodies(draw) -> bytes:
-    """A request body: mostly JSON chat requests, some raw bytes or deep nesting."""
-    kind = draw(st.sampled_from(["chat", "chat", "chat", "json", "bytes", "deep"]))
+    """A request body: JSON chat requests (valid or not), some raw bytes or deep nesting."""
+    kind = draw(st.sampled_from(["valid", "valid", "chat", "chat", "json", "bytes", "deep"]))
+    if kind == "valid":
+        return json.dumps(draw(VALID)).encode()
     if kind == "bytes":
         return draw(st.binary(max_size=200))
     if kind == "deep":
