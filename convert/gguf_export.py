@@ -8,10 +8,13 @@ Everything is written in a staging folder and moved into OUT_DIR when complete.
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType as FT
+from tqdm import tqdm
 
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.family import CONTEXT_LENGTH
@@ -92,7 +95,7 @@ def _write_docs(stage: Path, out_dir: Path, meta, manifest: dict, text_file: str
     others = sorted(e["quant"] for n, e in manifest["files"].items() if e["role"] == "text" and n != text_file)
     write_modelfile(stage, text_file, mmproj_file, manifest["text"]["n_ctx"], others)
     rows = fidelity_from_card(out_dir / FIDELITY_CARD)
-    write_card(stage, meta, manifest, fidelity_rows=rows, has_fidelity_card=bool(rows))
+    write_card(stage, meta, manifest, fidelity_rows=rows, fidelity_link=FIDELITY_CARD if rows else None)
 
 
 def _earlier_conversion(out_dir, ckpt) -> tuple[dict, dict | None]:
@@ -146,11 +149,35 @@ def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, LLAMA_QUANTS[quant])
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    with _size_progress(dst, f"{dst.name} (llama.cpp {quant})"):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0 or not dst.is_file():
         raise HuatuoError(f"llama.cpp could not quantize {src.name} to {quant} (error {rc}); "
                           "try another --quant or report the model.")
     return dst
+
+
+@contextmanager
+def _size_progress(path: Path, desc: str, every_s: float = 0.5):
+    """A tqdm bar on stderr fed with `path`'s growing size while the block runs: llama.cpp's
+    quantizer is one blocking call with no progress callback (its own per-tensor log is
+    silenced), and a 7B takes minutes."""
+    bar = tqdm(desc=desc, unit="B", unit_scale=True, leave=False)
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(every_s):
+            size = path.stat().st_size if path.exists() else 0
+            bar.update(size - bar.n)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        bar.close()
 
 
 def _write_vision(ckpt, stage: Path) -> list[Path]:

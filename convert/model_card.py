@@ -49,19 +49,19 @@ def _files_table(manifest: dict) -> list[str]:
     return lines
 
 
-def _fidelity(rows: Sequence[dict], has_card: bool, fmt: str) -> list[str]:
+def _fidelity(rows: Sequence[dict], link: str | None, fmt: str) -> list[str]:
     lines = ["## Fidelity", ""]
     if not rows:
         return lines + [f"Not measured for this folder. Measure it with `huatuo-lite eval EVAL.json -m UPSTREAM "
                         f"--compare reference,{fmt}:QUANT` (see the huatuo-lite README).", ""]
     lines += ["| model | n | accuracy % | agreement with reference % |", "|---|---:|---:|---:|"]
     lines += [f"| {r['spec']} | {r['count']} | {r['accuracy']:.1f} | {r['agreement']:.1f} |" for r in rows]
-    if has_card:
-        lines += ["", "Details (KL divergence, eval set, chart): [FIDELITY.md](FIDELITY.md)."]
+    if link:
+        lines += ["", f"Details (KL divergence, eval set, chart): [FIDELITY.md]({link})."]
     return lines + [""]
 
 
-def render_card(meta, manifest: dict, fidelity_rows: Sequence[dict] = (), has_fidelity_card: bool = False,
+def render_card(meta, manifest: dict, fidelity_rows: Sequence[dict] = (), fidelity_link: str | None = None,
                 about: str | None = None, extra_tags: Sequence[str] = ()) -> str:
     fmt = manifest.get("format", "gguf")
     lines = _front_matter(meta, fmt, extra_tags)
@@ -75,7 +75,7 @@ def render_card(meta, manifest: dict, fidelity_rows: Sequence[dict] = (), has_fi
     quants = sorted({e["quant"] for e in manifest.get("files", {}).values() if e.get("role") in ("text", "decoder")
                      and e.get("quant")} | ({manifest.get("onnx", {}).get("quant")} - {None}))
     lines += [f"Quants: {', '.join(quants) or 'see the table'}.", ""]
-    lines += _fidelity(fidelity_rows, has_fidelity_card, fmt)
+    lines += _fidelity(fidelity_rows, fidelity_link, fmt)
     lines += USAGE[fmt](manifest)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -102,7 +102,7 @@ def write_card(folder, meta, manifest: dict, **options) -> Path:
     folder = Path(folder)
     card_rows = fidelity_from_card(folder / "FIDELITY.md")
     options.setdefault("fidelity_rows", card_rows)
-    options.setdefault("has_fidelity_card", bool(card_rows))
+    options.setdefault("fidelity_link", "FIDELITY.md" if card_rows else None)
     path = folder / CARD
     with atomic_path(path) as tmp:
         tmp.write_text(render_card(meta, manifest, **options), encoding="utf-8")

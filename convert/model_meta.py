@@ -108,3 +108,27 @@ def add_general(w: GGUFWriter, meta: ModelMeta) -> None:
         if organization:
             w.add_base_model_organization(0, organization)
         w.add_base_model_repo_url(0, meta.base_url)
+
+
+def restamp_gguf(src: Path, dst: Path, meta: ModelMeta, chat_template: str | None = None) -> Path:
+    """Copy a GGUF with new general.* keys (and chat template), its tensors byte for byte
+    (gguf-py's gguf_new_metadata route): how the shipped demo files got their metadata
+    without re-quantizing (tests compare the demo's answers)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    scratch = GGUFWriter(None, arch)          # collects the keys add_general writes
+    add_general(scratch, meta)
+    new = {key: MetadataDetails(v.type, v.value, sub_type=v.sub_type) for key, v in scratch.kv_data[0].items()
+           if key != gguf.Keys.General.ARCHITECTURE}
+    if chat_template is not None:
+        new[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = MetadataDetails(gguf.GGUFValueType.STRING, chat_template)
+    stale = [k for k in reader.fields if k.startswith("general.base_model.") and k not in new]
+    writer = GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    alignment = reader.fields.get(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = int(alignment.contents())
+    copy_with_new_metadata(reader, writer, new, stale)
+    return dst

@@ -80,7 +80,7 @@ def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", b
         manifest["name"] = meta.name
         write_manifest(stage, manifest)
         rows = fidelity_from_card(Path(out_dir) / FIDELITY_CARD)
-        write_card(stage, meta, manifest, fidelity_rows=rows, has_fidelity_card=bool(rows))
+        write_card(stage, meta, manifest, fidelity_rows=rows, fidelity_link=FIDELITY_CARD if rows else None)
     return Path(out_dir) / DECODER
 
 

@@ -7,6 +7,8 @@ import click
 
 from . import store
 from .errors import HuatuoError
+from .manifest import read_manifest
+from .native import self_test_verdict
 
 
 @click.group()
@@ -29,6 +31,9 @@ def models_list():
         except HuatuoError:
             fmt = "unknown"
         click.echo(f"{name:32} installed  {fmt:9} {path}")
+    demo = store.demo_model()
+    if demo is not None and store.DEMO_NAME not in installed:
+        click.echo(f"{store.DEMO_NAME:32} bundled    {'gguf':9} {demo} (synthetic-shapes demo, not a medical model)")
     for name, entry in store.registry().items():
         if name not in installed:
             click.echo(f"{name:32} available {entry['format']:9} {entry['repo']} (~{entry['size_gb']:g} GB, {entry['license']})")
@@ -71,7 +76,11 @@ def models_info(model):
     Example:
       huatuo-lite models info ./hv7b-gguf
     """
-    click.echo(json.dumps(store.describe(store.resolve(model)), indent=2))
+    folder = store.resolve(model)
+    info = store.describe(folder)
+    if info["format"] == "gguf":   # whether stock llama.cpp's image path is right for it
+        info["image_path_self_test"] = self_test_verdict(read_manifest(folder).get("mtmd_self_test"))
+    click.echo(json.dumps(info, indent=2))
 
 
 @models.command("rm")

@@ -41,6 +41,9 @@ def detect_format(folder: Path) -> str:
     )
 
 
+DEMO_NAME = "demo"   # what `models list` calls the bundled demo model; `-m demo` runs it
+
+
 def demo_model() -> Path | None:
     """The bundled demo model's GGUF folder, if this install ships it."""
     import importlib.resources
@@ -82,6 +85,8 @@ def resolve(model: str | os.PathLike) -> Path:
     for candidate in (name, registry_name(name), name.replace("/", "--")):
         if candidate and (home() / "models" / candidate).is_dir():
             return home() / "models" / candidate
+    if name == DEMO_NAME and demo_model() is not None:   # the bundled demo: `-m demo`
+        return demo_model()
     cached = hub_cache_snapshot(name)
     if cached is not None:
         return cached
