@@ -178,9 +178,9 @@ def _check_window(ds, name: str) -> None:
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
     linear = function == "LINEAR"
     if (first < 1) if linear else not first > 0:
-        limit = "below 1, the least" if linear else "not above 0, as required"
-        raise ImageError(f"The DICOM file {name} has the Window Width {first:g}, {limit} for a "
-                         f"{function} window: correct or remove its window.")
+        least = "at least 1" if linear else "more than 0"
+        raise ImageError(f"The DICOM file {name} has the Window Width {first:g}, but a {function} "
+                         f"window must be {least} wide: correct or remove its window.")
 
 
 def _is_multi(value) -> bool:
