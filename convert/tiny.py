@@ -16,12 +16,11 @@ vision tower from there instead of the embedded weights is caught by tests.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from huatuo_lite.errors import HuatuoError
+from huatuo_lite.fsutil import atomic_path
 from huatuo_lite.family import IMAGE_SIZE, PATCH_SIZE, VARIANTS
 
 from .checkpoint import to_hf_name
@@ -214,17 +213,11 @@ def make_tiny(out_dir, variant: str = "7b", seed: int = 0, **sizes) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise HuatuoError(f"{out} already exists and is not empty: choose a new folder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build next to the target and rename when complete: never a half-written folder.
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # Built next to the target and renamed when complete (never a half-written folder;
+    # a killed run's leftovers are removed by the next, a full disk is one sentence).
+    with atomic_path(out) as work:
+        work.mkdir()
         VARIANT_BUILDERS[variant](work, chosen, seed)
-        if out.exists():
-            out.rmdir()
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return out
 
 

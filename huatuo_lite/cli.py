@@ -60,9 +60,12 @@ class DefaultGroup(click.Group):
             return super().invoke(ctx)
         except HuatuoError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted.", err=True)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            from .interrupt import Interrupted
+
+            stop = exc if isinstance(exc, Interrupted) else Interrupted()
+            click.echo("\n" + stop.sentence(), err=True)
+            raise click.exceptions.Exit(stop.exit_code) from None
 
 
 @click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -198,6 +201,9 @@ _register_subcommands()
 
 
 def main() -> None:
+    from .interrupt import install
+
+    install()       # SIGTERM/SIGHUP unwind like Ctrl-C: staging removed, exit 143/129
     cli(prog_name="huatuo-lite")
 
 

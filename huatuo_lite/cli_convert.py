@@ -11,6 +11,7 @@ import click
 from .errors import HuatuoError
 from .manifest import read_manifest
 from .native import self_test_verdict
+from .interrupt import reporting
 
 CONVERT_EXTRA_HINT = "install the conversion tools with `pip install 'huatuo-lite[convert]'` (torch first, see README)"
 
@@ -39,7 +40,8 @@ def convert_tiny(out_dir, variant, seed):
     Example:
       huatuo-lite convert tiny ./tiny-7b --variant 7b
     """
-    path = convert_module("tiny").make_tiny(out_dir, variant=variant, seed=seed)
+    with reporting(out_dir, "config.json"):
+        path = convert_module("tiny").make_tiny(out_dir, variant=variant, seed=seed)
     click.echo(str(path))
 
 
@@ -63,8 +65,9 @@ def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, na
       huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M
       huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M --imatrix calib.json
     """
-    out = convert_module("gguf_export").export_gguf(src, out_dir, quant=quant, mmproj_type=mmproj_type,
-                                                     allow_pickle=allow_pickle, imatrix=calibration, name=name)
+    with reporting(out_dir, "manifest.json"):
+        out = convert_module("gguf_export").export_gguf(src, out_dir, quant=quant, mmproj_type=mmproj_type,
+                                                         allow_pickle=allow_pickle, imatrix=calibration, name=name)
     click.echo(self_test_verdict(read_manifest(out_dir).get("mtmd_self_test")), err=True)
     click.echo(str(out))
 
@@ -85,6 +88,7 @@ def convert_onnx(src, out_dir, quant, vision_quant, block_size, allow_pickle, na
     Example:
       huatuo-lite convert onnx ./HuatuoGPT-Vision-7B ./hv7b-onnx --quant int4
     """
-    out = convert_module("onnx_export").export_onnx(src, out_dir, quant=quant, vision_quant=vision_quant,
-                                                    block_size=block_size, allow_pickle=allow_pickle, name=name)
+    with reporting(out_dir, "manifest.json"):
+        out = convert_module("onnx_export").export_onnx(src, out_dir, quant=quant, vision_quant=vision_quant,
+                                                        block_size=block_size, allow_pickle=allow_pickle, name=name)
     click.echo(str(out))

@@ -10,6 +10,7 @@ import importlib
 import click
 
 from .errors import HuatuoError
+from .interrupt import reporting
 
 TRAIN_EXTRA_HINT = "install the training tools with `pip install 'huatuo-lite[train]'` (torch first, see README)"
 MODES = ("align", "lora", "qlora", "full")
@@ -91,8 +92,11 @@ def train_run(data, model, out, mode, resume, resume_from, freeze_projector, thr
         import torch
 
         torch.set_num_threads(threads)
-    result = recipe.train(data, model, out, mode=mode, resume=resume_from or resume,
-                          train_projector=not freeze_projector, progress=not no_progress, **options)
+    kept = (f"no trained model was written to {out} (partial files were removed; checkpoints saved with "
+            "--save-every are kept for --resume)")
+    with reporting(out, recipe.LOG_NAME, otherwise=kept):
+        result = recipe.train(data, model, out, mode=mode, resume=resume_from or resume,
+                              train_projector=not freeze_projector, progress=not no_progress, **options)
     for problem in result.skipped:
         click.echo(f"Skipped {problem.sentence()}.", err=True)
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
@@ -112,4 +116,5 @@ def train_merge(adapter, model, out):
     Example:
       huatuo-lite train merge ./my-lora --model ./HuatuoGPT-Vision-7B --out ./my-model
     """
-    click.echo(str(train_module("merge").merge(adapter, model, out)))
+    with reporting(out, "model.safetensors.index.json"):
+        click.echo(str(train_module("merge").merge(adapter, model, out)))
