@@ -36,6 +36,7 @@ from .errors import HuatuoError
 from .eval_report import write_text
 from .evaluate import log_softmax, run_eval
 from .family import GenerationConfig
+from .fidelity_chart import write_chart
 
 EVAL_SET = Path("eval") / "eval.json"      # an upstream checkpoint's own eval set, if any
 FIDELITY_CARD = "FIDELITY.md"
@@ -199,7 +200,9 @@ def compare(specs: Sequence[Spec], data, out_dir, limit=None, progress=True, **g
     return rows
 
 
-def render_card(rows: Sequence[dict], data: str | None = None, note: str | None = None) -> str:
+def render_card(rows: Sequence[dict], data: str | None = None, note: str | None = None,
+                chart: str | None = None) -> str:
+    """The FIDELITY.md text; `chart`: the chart image's file name, shown under the table."""
     ref = rows[0]["accuracy"] if rows else 0.0
     lines = ["# Fidelity", "",
              "How closely each converted form of this model answers like the torch reference, on the "
@@ -216,13 +219,17 @@ def render_card(rows: Sequence[dict], data: str | None = None, note: str | None 
                      f"{r['mean_kl']:.2e} | {r['unparsed']} |")
     lines += ["", "Agreement: same scored letter as the reference. KL: KL(reference || model) of the first "
               "answer token's distribution, over the reference's top tokens plus one bucket for the rest."]
+    if chart:
+        lines += ["", f"![Accuracy and agreement with the reference per model]({chart})"]
     return "\n".join(lines) + "\n"
 
 
 def write_fidelity_card(folder, rows: Sequence[dict], data: str | None = None, note: str | None = None) -> Path:
-    """FIDELITY.md in `folder` (next to a converted model's files), written atomically."""
+    """FIDELITY.md and its chart (fidelity.png) in `folder` (next to a converted model's
+    files), each written atomically."""
+    chart = write_chart(folder, rows) if rows else None
     path = Path(folder) / FIDELITY_CARD
-    write_text(path, render_card(rows, data, note))
+    write_text(path, render_card(rows, data, note, chart=chart.name if chart else None))
     return path
 
 

@@ -103,7 +103,25 @@ def test_fidelity_row_and_card(tmp_path):
     card = fidelity.write_fidelity_card(tmp_path, [ref_row, row], data="eval/eval.json").read_text("utf-8")
     assert "| gguf:Q4_K_M | 4 | 50.0 | -25.0 | 75.0 |" in card
     assert "chance level 50.0%" in card
+    assert "![Accuracy and agreement with the reference per model](fidelity.png)" in card
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_fidelity_chart_bars_follow_the_numbers(tmp_path):
+    """fidelity.png: one accuracy and one agreement bar per model, each as long as its value
+    on the 0-100 % axis (measured in the image's pixels), drawn with Pillow."""
+    from PIL import Image
+
+    from huatuo_lite.fidelity_chart import BAR_H, GAP, SERIES, TOP, _x, write_chart
+
+    rows = [{"spec": "reference", "accuracy": 0.9, "agreement": 1.0, "chance": 0.4},
+            {"spec": "gguf:Q4_K_M", "accuracy": 0.55, "agreement": 0.7, "chance": 0.4}]
+    image = Image.open(write_chart(tmp_path, rows)).convert("RGB")
+    for r, row in enumerate(rows):
+        for s, (key, _, colour) in enumerate(SERIES):
+            y = TOP + r * (len(SERIES) * BAR_H + GAP) + s * BAR_H + BAR_H // 2
+            xs = [x for x in range(image.width) if image.getpixel((x, y)) == colour]
+            assert xs and xs[0] == _x(0) and xs[-1] == _x(row[key]), (row["spec"], key)
 
 
 def test_no_eval_set_no_card(tmp_path):
