@@ -25,7 +25,7 @@ from .family import DEMO_NOTICE, RESEARCH_NOTICE
 
 EXIT_INTERRUPTED = 130
 # a first word like this that is no file is a mistyped command, not an image or a question
-COMMAND_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+COMMAND_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
 
 
 class DefaultGroup(click.Group):
@@ -48,7 +48,7 @@ class DefaultGroup(click.Group):
         before any model loads."""
         if word in self.commands or word in ("--help", "-h", "--version"):
             return False
-        if word.startswith("-") or not COMMAND_LIKE.fullmatch(word) or Path(word).exists():
+        if word.startswith("-") or not COMMAND_LIKE.fullmatch(word) or names_a_file(word):
             return True
         if ctx.resilient_parsing:        # shell completion of a half-typed command name
             return False
@@ -105,6 +105,14 @@ def show_notice(quiet: bool) -> None:
         click.echo(RESEARCH_NOTICE, err=True)
 
 
+def names_a_file(text: str) -> bool:
+    """Whether an argument is an existing file (a long question is no file name: the OS refuses it)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def read_image_arg(value: str):
     """`-` is an image read from stdin; anything else is a path."""
     return sys.stdin.buffer.read() if value == "-" else value
@@ -129,7 +137,7 @@ def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, tem
       cat scan.jpg | huatuo-lite ask -m ./hv7b-gguf - "Which organ is shown?"
     """
     *images, question = args
-    if question == "-" or Path(question).is_file():
+    if question == "-" or names_a_file(question):
         raise click.UsageError(f"{question!r} is a file, and there is no question after it: add the "
                                f"question as the last argument, e.g. huatuo-lite ask {question} \"What is shown?\".")
     try:

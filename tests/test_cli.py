@@ -244,10 +244,10 @@ def test_default_command_takes_images_questions_and_options(monkeypatch):
 
     monkeypatch.setattr(api, "load", fake_load)
     for args in ([EXAMPLE, "What is shown?"], ["-m", "some-model", EXAMPLE, "Q?"], ["What is a pneumothorax?"],
-                 ["-q", "-m", "some-model", "Q?"]):
+                 ["-q", "-m", "some-model", "Q?"], ["lung" * 5000], ["lung " * 5000]):      # too long for a file name: a question
         result = invoke(*args)
         assert result.exit_code == 1 and "stop here." in result.output, (args, result.output)
-    assert len(seen) == 4
+    assert len(seen) == 6
 
 
 @pytest.mark.parametrize("args", [["ask", EXAMPLE], [EXAMPLE], ["ask", "-"]])
