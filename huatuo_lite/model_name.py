@@ -1,7 +1,8 @@
 """The id a served model announces: its name and quant, e.g. HuatuoGPT-Vision-7B-Q4_K_M.
 
-A converted folder is often called `gguf` or `onnx`; its manifest records the
-checkpoint it came from (source.path), which names the model. The quant is the
+A converted folder is often called `gguf` or `onnx`; its manifest's `name` (the
+GGUF naming convention's, e.g. HuatuoGPT-Vision-7B) or the checkpoint it came from
+(source.path) names the model. The quant is the
 one the engine opened (a GGUF folder may hold several). Tables, not branches:
 NAMELESS lists folder names that say nothing, QUANT_OF reads each backend's quant.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 NAMELESS = {"gguf", "onnx", "model", "models", "checkpoint", "torch", "hf", "snapshots", "out", "output"}
 HUB_CACHE_DIR = re.compile(r"models--[^-].*--(?P<name>.+)")       # huggingface-hub cache: models--Org--Name
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
-DEMO_NAME = "huatuo-demo"
+DEMO_NAME = "huatuo-lite-demo"      # the demo GGUF's own name (its files are huatuo-lite-demo-Q8_0...)
 
 
 def _manifest(folder: Path) -> dict:
@@ -57,10 +58,14 @@ def _is_demo(folder: Path) -> bool:
 
 
 def base_name(folder: Path) -> str:
-    """The model's name: the demo's, else its checkpoint's (manifest source.path), else its folder's."""
+    """The manifest's name, else the demo's, else its checkpoint's (source.path), else its folder's."""
+    manifest = _manifest(folder)
+    named = manifest.get("name")
+    if isinstance(named, str) and named and named.lower() not in NAMELESS:
+        return named
     if _is_demo(folder):
         return DEMO_NAME
-    source = _manifest(folder).get("source", {}).get("path")
+    source = manifest.get("source", {}).get("path")
     from_source = _meaningful(Path(source)) if isinstance(source, str) and source else None
     if from_source and Path(source).name.lower() not in NAMELESS:
         return from_source

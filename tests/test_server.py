@@ -480,3 +480,27 @@ def test_rss_stays_flat_over_1000_requests(tmp_path):
         server.terminate()
         server.wait(20)
         log.close()
+
+
+def test_the_announced_id_is_the_models_name_and_quant(tmp_path):
+    from types import SimpleNamespace
+
+    from huatuo_lite.model_name import model_name
+
+    snapshot = tmp_path / "hub" / "models--FreedomIntelligence--HuatuoGPT-Vision-7B" / "snapshots" / ("ab" * 20)
+    folder = tmp_path / "hv7b" / "gguf"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"format": "gguf", "source": {"path": str(snapshot)}, "files": {
+        "m-Q4_K_M.gguf": {"quant": "Q4_K_M"}, "m-Q8_0.gguf": {"quant": "Q8_0"}}}))
+    opened = SimpleNamespace(text_path=folder / "m-Q4_K_M.gguf")
+    assert model_name(SimpleNamespace(path=folder, backend="gguf", engine=opened)) == "HuatuoGPT-Vision-7B-Q4_K_M"
+    (folder / "manifest.json").write_text(json.dumps({"format": "onnx", "source": {"path": "/x/checkpoint"},
+                                                      "onnx": {"quant": "int4"}}))
+    assert model_name(SimpleNamespace(path=folder, backend="onnx", engine=None)) == "hv7b-int4"
+    (folder / "manifest.json").write_text(json.dumps({"format": "onnx", "name": "HuatuoGPT-Vision-34B",
+                                                      "onnx": {"quant": "int8"}}))
+    assert model_name(SimpleNamespace(path=folder, backend="onnx", engine=None)) == "HuatuoGPT-Vision-34B-int8"
+    if DEMO.is_dir():
+        for backend in ("gguf", "onnx"):
+            with api.load(DEMO.parent / backend, backend=backend, threads=1) as demo:
+                assert model_name(demo) == {"gguf": "huatuo-lite-demo-Q8_0", "onnx": "huatuo-lite-demo-int8"}[backend]

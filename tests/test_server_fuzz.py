@@ -168,9 +168,10 @@ def demo_server(path_settings):
     if not DEMO.is_dir():
         pytest.skip("models/demo is not in this checkout")
     import huatuo_lite.api as api
+    from huatuo_lite.model_name import model_name
 
     with api.load(DEMO, backend="gguf", threads=1) as model:
-        settings_ = ServerSettings(model_id="huatuo-demo-Q8_0", allow_dirs=path_settings.allow_dirs)
+        settings_ = ServerSettings(model_id=model_name(model), allow_dirs=path_settings.allow_dirs)
         with background_server(model, settings_) as url:
             yield url
 
