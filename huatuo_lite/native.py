@@ -137,7 +137,16 @@ def stock_mtmd_dir(folder: Path | str) -> Path:
 def mtmd_cli_answer(text_gguf: Path, mmproj: Path, images: Sequence, question: str, n_predict: int,
                     threads: int = 1, libmtmd_dir: Path | None = None, timeout: float | None = 600,
                     extra_args: Sequence = (), markers: bool = False) -> bytes:
-    """llama-mtmd-cli's greedy answer (raw bytes, stripped), prompted with the GGUF's embedded
+    """llama-mtmd-cli's greedy answer (raw bytes, stripped); see mtmd_cli_run."""
+    return mtmd_cli_run(text_gguf, mmproj, images, question, n_predict, threads, libmtmd_dir, timeout,
+                        extra_args, markers).stdout.strip()
+
+
+def mtmd_cli_run(text_gguf: Path, mmproj: Path, images: Sequence, question: str, n_predict: int,
+                 threads: int = 1, libmtmd_dir: Path | None = None, timeout: float | None = 600,
+                 extra_args: Sequence = (), markers: bool = False) -> subprocess.CompletedProcess:
+    """llama-mtmd-cli run greedy with -v (its answer on stdout, its log on stderr: the
+    formatted prompt, the timings), prompted with the GGUF's embedded
     chat template (--jinja). As a stock user types it, -p is the bare question and the tool
     prepends one marker per image (no newline; the template adds upstream's). `markers`: write
     each image's marker + newline into -p ourselves instead. `libmtmd_dir`: a folder whose
@@ -156,7 +165,7 @@ def mtmd_cli_answer(text_gguf: Path, mmproj: Path, images: Sequence, question: s
         done = run_tool("llama-mtmd-cli", [*args, "-v"], timeout=timeout,
                         libs_first=[libmtmd_dir] if libmtmd_dir else [])
         if CLI_DONE_MARK in done.stderr:
-            return done.stdout.strip()
+            return done
     raise HuatuoError(f"llama-mtmd-cli lost its output {CLI_ATTEMPTS} times in a row; "
                       "run it again on a less loaded machine.")
 

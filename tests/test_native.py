@@ -247,3 +247,50 @@ def test_tools_get_their_own_libraries_first(tmp_path):
                    libs_first=[tmp_path / "stock"])
     assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [str(tmp_path / "stock"), str((tmp_path / "bin").resolve()),
                                                         "/site/llama_cpp/lib"]
+
+
+# ------------------------------------------------- stock usage, same prompt ----
+def _perf_tokens(stderr: str) -> tuple[int, int]:
+    """(prompt-eval tokens, single-token evals) from llama_perf_context_print's lines."""
+    import re
+
+    prompt = int(re.search(r"prompt eval time =.*?/\s*(\d+) tokens", stderr).group(1))
+    single = int(re.search(r"\n[^\n]*?\beval time =.*?/\s*(\d+) runs", stderr).group(1))
+    return prompt, single
+
+
+def _formatted_prompt(stderr: str) -> str:
+    """The prompt llama-mtmd-cli's chat template produced (logged with -v)."""
+    start = stderr.index("formatted_chat.prompt: ") + len("formatted_chat.prompt: ")
+    return stderr[start:stderr.index("\n<|assistant|>\n", start) + len("\n<|assistant|>\n")]
+
+
+@requires_tools
+def test_stock_mtmd_cli_usage_builds_our_prompt(gguf_7b_f32, square_images):
+    """`llama-mtmd-cli -m TEXT --mmproj MMPROJ --image X -p "Q" --temp 0` (no marker in -p: the
+    tool prepends one without a newline) renders upstream's prompt through llama.cpp's own
+    Jinja engine, evaluates as many tokens as our GGUF backend (prompt + decoded answer
+    tokens), and answers with the same greedy tokens."""
+    from huatuo_lite.generate import run
+    from huatuo_lite.native import MTMD_MARKER, mtmd_cli_run
+    from huatuo_lite.prompt import Turn, render
+
+    question, files = QUESTIONS[0], _files(gguf_7b_f32)
+    done = mtmd_cli_run(files["text"], files["mmproj"], [square_images[0]], question, N_PREDICT,
+                        extra_args=["--repeat-penalty", GREEDY.repetition_penalty])
+    assert _formatted_prompt(done.stderr) == render([Turn(question, 1)]).replace("<image>", MTMD_MARKER)
+    engine = open_gguf(gguf_7b_f32)  # noqa: F405
+    try:
+        generation = run(engine, [str(square_images[0])], question, config=GREEDY)
+        for _ in generation:
+            pass
+        answer = generation.answer
+        ours = b"".join(engine.token_bytes(t) for t in answer.token_ids).strip()
+        eos = set(engine.eos_token_ids) if hasattr(engine, "eos_token_ids") else set()
+    finally:
+        engine.close()
+    prompt_evals, single_evals = _perf_tokens(done.stderr)
+    decoded = len([t for t in answer.token_ids if t not in eos])   # mtmd-cli decodes each non-EOS token
+    print({"mtmd_cli": (prompt_evals, single_evals), "ours_prompt": answer.prompt_tokens, "decoded": decoded})
+    assert prompt_evals + single_evals == answer.prompt_tokens + decoded
+    assert done.stdout.strip() == ours
