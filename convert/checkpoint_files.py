@@ -9,6 +9,8 @@ load it with weights_only=True and still refuse it by default.
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -51,14 +53,45 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def _load_pickle(path: Path) -> dict:
+    """{name: tensor} from a pickle, loaded weights-only; one sentence for a file
+    that is not one (torch's own errors are paragraphs)."""
+    import pickle
+
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:       # old (non-zip) pickle format cannot be memory-mapped
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # torch warns about the pickle protocol before refusing
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:       # old (non-zip) pickle format cannot be memory-mapped
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:
+            raise ModelFormatError(f"{path} holds objects other than tensors ({found[1]}), which weights-only "
+                                   "loading refuses; convert it to safetensors where you trust it.") from None
+        raise ModelFormatError(f"{path} is not a PyTorch weights file (unreadable pickle); "
+                               "re-download it or convert it to safetensors.") from None
     except Exception as err:
-        raise ModelFormatError(f"{path} is not a loadable PyTorch weights file ({err}).") from None
+        reason = str(err).strip().splitlines()[0].rstrip(".")[:160] if str(err).strip() else type(err).__name__
+        raise ModelFormatError(f"{path} is not a loadable PyTorch weights file ({reason}); "
+                               "re-download it or convert it to safetensors.") from None
+    problem = _not_a_state_dict(state, torch.Tensor)
+    if problem:
+        raise ModelFormatError(f"{path} is not a flat name -> tensor state dict (it holds {problem}); "
+                               "save the model's state_dict() to safetensors and convert that.")
+    return state
+
+
+def _not_a_state_dict(state, tensor_type) -> str | None:
+    """What a loaded pickle holds instead of {name: tensor}, or None if it is one."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__} object"
+    odd = next((v for v in state.values() if not isinstance(v, tensor_type)), None)
+    if odd is not None or any(not isinstance(k, str) for k in state):
+        return f"a value of type {type(odd).__name__}" if odd is not None else "keys that are not texts"
+    return None
 
 
 def _pickle_header(path: Path) -> dict:

@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Sequence
 from .batch_records import BatchItem, load_batch_items
 from .errors import HuatuoError
 from .evaluate import first_letter
+from .fsutil import disk_full_error
+from .interrupt import Interrupted
 from .family import EVAL_MAX_NEW_TOKENS, GENERATION_DEFAULTS, GenerationConfig
 
 # item kind -> default most new tokens (eval's scorer reads one letter; the rest answer in full)
@@ -97,11 +99,19 @@ def read_done(out: Path, items: Sequence[BatchItem]) -> dict:
         with open(out, "r+b") as fh:
             fh.truncate(len(complete))
     keys, done = {item.index: item.key for item in items}, {}
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HuatuoError(f"{out} is not UTF-8 text (edited or overwritten?); use another --out or delete it.") from None
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HuatuoError(f"Line {number} of {out} is not JSON (edited by hand?); fix or delete it.") from None
+        if not isinstance(row, dict) or not isinstance(row.get("index"), int) or isinstance(row["index"], bool) \
+                or not isinstance(row.get("key"), str):
+            raise HuatuoError(f"Line {number} of {out} is not a result row with an index and key "
+                              "(edited by hand?); fix or delete it.")
         if keys.get(row.get("index"), row.get("key")) != row.get("key"):
             raise HuatuoError(f"{out} holds results of another dataset; use another --out or delete it.")
         if row.get("error") is None:
@@ -150,7 +160,13 @@ def check_run_info(out: Path, info: dict) -> None:
 
     path = out.with_name(out.name + ".run.json")
     if path.is_file() and out.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError):
+            before = None
+        if not isinstance(before, dict):
+            raise HuatuoError(f"{path} (the settings {out} was made with) is not a JSON object (edited by hand?); "
+                              f"delete both to start over, or restore it.")
         changed = sorted(k for k in set(before) | set(info) if before.get(k) != info.get(k))
         if changed:
             raise HuatuoError(f"{out} holds results made with other settings ({', '.join(changed)}); "
@@ -193,12 +209,20 @@ def answer_in_pool(items, spec: AnswererSpec, workers: int, emit: Callable[[dict
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
                              initargs=(spec,)) as pool:
         running = set()
-        while queue or running:
-            while queue and len(running) < workers * IN_FLIGHT_PER_WORKER:
-                running.add(pool.submit(_answer_in_worker, queue.pop(0)))
-            finished, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                emit(future.result())
+        try:
+            while queue or running:
+                while queue and len(running) < workers * IN_FLIGHT_PER_WORKER:
+                    running.add(pool.submit(_answer_in_worker, queue.pop(0)))
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    emit(future.result())
+        except BaseException:
+            # interrupted (or a worker broke): do not wait for answers in flight; the
+            # rows already written stay, a rerun resumes. (3.11 has no terminate_workers())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            raise
 
 
 def answer_on_ray(items, spec: AnswererSpec, workers: int, emit: Callable[[dict], None], address: str) -> None:
@@ -221,30 +245,43 @@ def run_batch(data, model, out, backend: str | None = None, ray_address: str | N
     {"records", "already_done", "answered", "errors"} and the output path."""
     from tqdm import tqdm
 
-    from .fsutil import ensure_writable_dir
+    from .fsutil import ensure_writable_dir, require_regular_file
 
     items = load_batch_items(data, limit)
     if not items:
         raise HuatuoError(f"{data} holds no records to answer.")
-    out = Path(out)
+    out = require_regular_file(out, "results file (--out)")
     ensure_writable_dir(out.parent)
     spec = AnswererSpec(str(model), backend, dict(load_options or {}), temperature, seed, max_tokens)
     check_run_info(out, spec.run_info(data))
     done = read_done(out, items)
     todo = [item for item in items if item.index not in done]
-    errors = []
-    with open(out, "a", encoding="utf-8") as handle, \
-            tqdm(total=len(items), initial=len(done), desc="batch", unit="rec", disable=not progress) as bar:
-        def written(row):
-            bar.update(1)
-            if row.get("error"):
-                errors.append(row["index"])
+    errors, written_rows = [], []
+    try:
+        with open(out, "a", encoding="utf-8") as handle, \
+                tqdm(total=len(items), initial=len(done), desc="batch", unit="rec", disable=not progress) as bar:
+            def written(row):
+                bar.update(1)
+                written_rows.append(row["index"])
+                if row.get("error"):
+                    errors.append(row["index"])
 
-        writer = OrderedWriter(handle, [item.index for item in todo], written)
-        if todo:
-            pick_runner(ray_address, workers)(todo, spec, workers, writer.add)
-        handle.flush()
-        os.fsync(handle.fileno())
-    compact(out, items)
+            writer = OrderedWriter(handle, [item.index for item in todo], written)
+            if todo:
+                pick_runner(ray_address, workers)(todo, spec, workers, writer.add)
+            handle.flush()
+            os.fsync(handle.fileno())
+        compact(out, items)
+    except Interrupted as exc:
+        kept = len(done) + len(written_rows) - len(errors)
+        exc.detail = exc.detail or (f"{out} keeps {kept} of {len(items)} finished records; "
+                                    "run the same command again to answer the rest")
+        raise
+    except OSError as exc:
+        if not disk_full_error(exc):
+            raise
+        kept = len(done) + len(written_rows) - len(errors)
+        raise HuatuoError(f"The disk holding {out} is full after {kept} of {len(items)} records; free some space "
+                          "there and run the same command again to answer the rest.") from None
     return {"records": len(items), "already_done": len(done), "answered": len(todo) - len(errors),
             "errors": len(errors), "out": str(out)}

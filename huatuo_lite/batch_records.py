@@ -50,7 +50,12 @@ class BatchItem:
 
 # -------------------------------------------------------------- formats ----
 def eval_question(record: dict, where: str) -> tuple[str, dict]:
-    options = parse_options(record, where)
+    try:
+        options = parse_options(record, where)
+    except (RecursionError, MemoryError, TypeError):     # a Python-literal 'options' string gone wrong
+        raise HuatuoError(f"{where}: 'options' is not a list of texts; fix the record.") from None
+    if not isinstance(record.get("question", ""), str):
+        raise HuatuoError(f"{where}: 'question' must be a text; fix the record.")
     answer = str(record.get("answer", ""))
     letter = EVAL_OPTION_LETTERS[options.index(answer)] if answer in options else None
     return build_prompt(str(record.get("question", "")), options), {"answer": letter}
@@ -58,6 +63,8 @@ def eval_question(record: dict, where: str) -> tuple[str, dict]:
 
 def conversation_question(record: dict, where: str) -> tuple[str, dict]:
     turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise HuatuoError(f"{where}: 'conversations' must be a list of turns; fix the record.")
     human = [t for t in turns if isinstance(t, dict) and t.get("from") == "human"]
     if not human:
         raise HuatuoError(f"{where}: its conversations have no human turn to ask; fix the record.")
@@ -67,7 +74,18 @@ def conversation_question(record: dict, where: str) -> tuple[str, dict]:
 
 
 def plain_question(record: dict, where: str) -> tuple[str, dict]:
-    return str(record["question"]), {}
+    if not isinstance(record["question"], str):
+        raise HuatuoError(f"{where}: 'question' must be a text; fix the record.")
+    return record["question"], {}
+
+
+def record_images(record: dict, where: str) -> list[str]:
+    """The record's image paths (`image` or `images`: one path or a list of them)."""
+    images = record.get("image") or record.get("images") or []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p and "\0" not in p for p in images):
+        raise HuatuoError(f"{where}: 'image' must be a path or a list of paths; fix the record.")
+    return images
 
 
 # record key that marks the shape -> (kind, builder); dict order is the match order
@@ -83,8 +101,7 @@ def record_item(record: dict, index: int, root: Path, where: str) -> BatchItem:
                           "PubMedVision records (conversations).")
     kind, build = RECORD_SHAPES[shape]
     prompt, extra = build(record, where)
-    images = record.get("image") or record.get("images") or []
-    images = [images] if isinstance(images, str) else [str(p) for p in images]
+    images = record_images(record, where)
     key = hashlib.sha1(json.dumps([prompt, images], ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
     copied = {k: record[k] for k in COPIED_FIELDS if k in record}
     return BatchItem(index, key, kind, prompt, tuple(str(root / p) for p in images), {**copied, **extra})

@@ -6,6 +6,7 @@ import json
 import click
 
 from .backends import BACKEND_MODULES
+from .errors import HuatuoError
 
 
 @click.command()
@@ -30,6 +31,9 @@ def batch(data, model, out, backend, quant, threads, ray_address, workers, tempe
           no_progress):
     """Answer every record of DATA (upstream eval JSON or PubMedVision JSON) into OUT, one JSON line each.
 
+    Exit 0 when every record was answered; 1 when any failed (a missing image, a
+    prompt too long: the row holds the error, the summary is still printed).
+
     \b
     Examples:
       huatuo-lite batch test_vqa.json -m ./hv7b-gguf -o results.jsonl --workers 2
@@ -42,3 +46,6 @@ def batch(data, model, out, backend, quant, threads, ray_address, workers, tempe
                         temperature=temperature, seed=seed, max_tokens=max_tokens, load_options=options,
                         limit=limit, progress=not no_progress)
     click.echo(json.dumps(summary))
+    if summary["errors"]:       # the file is complete (failed rows hold their error); the exit says not all answered
+        raise HuatuoError(f"{summary['errors']} of {summary['records']} records failed; their rows in {out} "
+                          "give the reason (run the same command again to retry them).")

@@ -95,4 +95,6 @@ def models_rm(name, yes):
     """
     if not yes:
         click.confirm(f"Delete {name} from {store.home() / 'models'}?", abort=True)
-    click.echo(f"removed {store.remove(name)}")
+    linked = (store.home() / "models" / name).is_symlink()
+    removed = store.remove(name)
+    click.echo(f"removed the link {removed} (the folder it pointed to was kept)" if linked else f"removed {removed}")

@@ -12,12 +12,18 @@ def read_record_list(path: Path, kind: str, what_to_give: str) -> list:
 
     kind names the file in messages ("eval file"); what_to_give ends the sentence
     that tells the user which file to pass."""
+    path = Path(path)
+    if path.exists() and not path.is_file():     # a FIFO would block the read, a device never end
+        raise HuatuoError(f"The {kind} {path} is not a regular file; give {what_to_give}.")
     try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HuatuoError(f"No {kind} {path}; give {what_to_give}.") from None
-    except (OSError, ValueError) as exc:
-        raise HuatuoError(f"{path} is not readable JSON ({exc}); give {what_to_give}.") from None
+    except OSError as exc:
+        raise HuatuoError(f"The {kind} {path} cannot be read ({exc.strerror}); give {what_to_give}.") from None
+    except (ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if isinstance(exc, ValueError) else "nested too deeply"
+        raise HuatuoError(f"{path} is not readable JSON ({reason}); give {what_to_give}.") from None
     if not isinstance(records, list):
         raise HuatuoError(f"{path} must hold a JSON list of records.")
     return records

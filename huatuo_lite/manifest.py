@@ -41,15 +41,50 @@ def write_manifest(folder: Path | str, manifest: dict) -> Path:
 def read_manifest(folder: Path | str) -> dict:
     """The folder's manifest, or one sentence saying why it cannot be used."""
     path = Path(folder) / MANIFEST_NAME
+    if path.exists() and not path.is_file():
+        raise ModelFormatError(f"{path} is not a regular file (a folder, pipe or device); "
+                               "convert the model again.")
     if not path.is_file():
         raise ModelFormatError(
             f"{folder} has no {MANIFEST_NAME}: it was not written by `huatuo-lite convert`; "
             "convert the model again or point --model at a converted folder."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFormatError(f"{path} is unreadable ({exc}); convert the model again.") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+        raise ModelFormatError(f"{path} is unreadable ({reason}); convert the model again.") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ModelFormatError(f"{path} is not a valid manifest ({problem}); convert the model again.")
+    return manifest
+
+
+def _entry_problem(name, entry) -> str | None:
+    """What is wrong with one "files" entry, or None."""
+    if not isinstance(entry, dict):
+        return f"the entry of {name!r} is not an object"
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\0" in name:
+        return f"the file name {name!r} leaves the model folder"
+    size = entry.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f"the size of {name!r} is not a byte count"
+    if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("role"), str):
+        return f"the entry of {name!r} lacks its role or sha256 text"
+    return None
+
+
+def manifest_problem(manifest) -> str | None:
+    """What makes a parsed manifest unusable, in a few words; None if it is usable
+    (an object with a "format" text and a "files" object of well-formed entries)."""
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("format"), str):
+        return "it has no \"format\" text"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "it has no \"files\" object"
+    return next((p for p in (_entry_problem(n, e) for n, e in files.items()) if p), None)
 
 
 def files_with_role(folder: Path | str, manifest: dict, role: str) -> list[Path]:
@@ -62,6 +97,9 @@ def check_sizes(folder: Path | str, manifest: dict) -> None:
     (a truncated download or copy is caught here, without hashing gigabytes)."""
     for name, entry in manifest.get("files", {}).items():
         path = Path(folder) / name
+        if path.exists() and not path.is_file():
+            raise ModelFormatError(f"{path} is not a regular file (a folder, pipe or device); "
+                                   "copy or download the model folder again.")
         if not path.is_file():
             raise ModelFormatError(f"{path} is missing; copy or download the model folder again.")
         if path.stat().st_size != entry["size"]:

@@ -27,9 +27,10 @@ def detect_format(folder: Path) -> str:
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            fmt = json.loads(manifest.read_text(encoding="utf-8")).get("format")
-        except ValueError:
-            fmt = None
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            data = None
+        fmt = data.get("format") if isinstance(data, dict) else None
         if fmt in FORMAT_BACKEND:
             return fmt
         raise ModelFormatError(f"{manifest} names no known format; convert the model again.")
@@ -160,8 +161,41 @@ def pull(name: str, progress: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
     target = home() / "models" / name
-    snapshot_download(repo_id=entry["repo"], allow_patterns=entry.get("files"), local_dir=target)
+    # downloaded under a hidden name (not listed, not used by `ask`) and renamed when
+    # complete; a failed pull resumes from the same hidden folder next time
+    pulling = home() / "models" / f".{name}.pulling"
+    try:
+        snapshot_download(repo_id=entry["repo"], allow_patterns=entry.get("files"), local_dir=pulling)
+    except Exception as exc:
+        from .fsutil import disk_full_error
+
+        if disk_full_error(exc):
+            raise ModelFormatError(f"The disk holding {pulling.parent} filled up while downloading {entry['repo']}; "
+                                   "free some space and pull again (the download resumes).") from None
+        if not _network_error(exc):
+            raise
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status is not None:       # the Hub answered: gated, missing or refused
+            raise ModelFormatError(f"The Hugging Face Hub refused {entry['repo']} (HTTP {status}); log in with "
+                                   "`hf auth login` if it is gated, or copy the model folder by hand.") from None
+        raise ModelFormatError(
+            f"Cannot reach the Hugging Face Hub to download {entry['repo']} ({type(exc).__name__}): check the "
+            f"network, or copy the model folder to {target} by hand and set HF_HUB_OFFLINE=1."
+        ) from None
+    if target.is_dir() and not target.is_symlink():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(pulling, target)
     return target
+
+
+def _network_error(exc: BaseException) -> bool:
+    """A connection, DNS, HTTP or timeout failure (huggingface-hub wraps them in its own types)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"LocalEntryNotFoundError", "HfHubHTTPError", "ConnectionError", "Timeout",
+                         "RequestException", "HTTPError", "TimeoutError", "ConnectError", "TransportError",
+                         "OfflineModeIsEnabled"})
 
 
 def verify(folder: Path) -> list[str]:
@@ -194,5 +228,8 @@ def remove(name: str) -> Path:
     folder = stored_models().get(name)
     if folder is None:
         raise ModelFormatError(f"No model {name!r} in {home() / 'models'}; `huatuo-lite models list` shows them.")
+    if folder.is_symlink():       # a link to a folder elsewhere: remove the link, keep what it points to
+        folder.unlink()
+        return folder
     shutil.rmtree(folder)
     return folder

@@ -127,3 +127,98 @@ def test_unknown_backend_and_bad_options(tiny_7b):
     assert run("ask", "-m", tiny_7b, "--backend", "tflite", EXAMPLE, "Q?").exit_code == 2
     assert run("ask", "-m", tiny_7b, "--temperature", "-1", EXAMPLE, "Q?").exit_code == 2
     assert run("convert", "gguf", tiny_7b, "out", "--quant", "Q3_XXS").exit_code == 2
+
+
+# ------------------------------------------------- files and entry points ----
+def test_manifest_that_is_a_list_or_lacks_files(gguf_7b_f16, tmp_path):
+    folder = _copy(gguf_7b_f16, tmp_path)
+    (folder / "manifest.json").write_text("[]")
+    one_sentence(run("ask", "-m", folder, *GREEDY, "Q?"), 1, "manifest.json")
+    (folder / "manifest.json").write_text(json.dumps({"format": "gguf"}))
+    one_sentence(run("ask", "-m", folder, *GREEDY, "Q?"), 1, "manifest.json", "files")
+    one_sentence(run("models", "verify", folder), 1, "files")
+
+
+def test_batch_records_with_numbers_for_image_or_conversations(tiny_7b, tmp_path):
+    data = tmp_path / "data.json"
+    for record, field in (({"image": 5, "question": "Q?"}, "image"), ({"conversations": 3}, "conversations")):
+        data.write_text(json.dumps([record]))
+        one_sentence(run("batch", data, "-m", tiny_7b, "-o", tmp_path / "o.jsonl"), 1, "record 0", field)
+
+
+def test_hand_edited_batch_results_and_run_file(tiny_7b, tmp_path):
+    data, out = tmp_path / "data.json", tmp_path / "o.jsonl"
+    data.write_text(json.dumps([{"question": "Q?"}]))
+    args = ("batch", data, "-m", tiny_7b, "-b", "torch", "--threads", "1", "-o", out, "--max-tokens", "1",
+            "--no-progress")
+    assert run(*args).exit_code == 0
+    out.write_text("5\n")
+    one_sentence(run(*args), 1, "Line 1", "result row")
+    out.write_text('{"index": "zero", "key": 1}\n')
+    one_sentence(run(*args), 1, "Line 1")
+    out.write_text("")
+    (tmp_path / "o.jsonl.run.json").write_text("[1, 2]")
+    one_sentence(run(*args), 1, "run.json", "delete")
+
+
+class CallsPrint:
+    """Unpickles by calling print: what weights-only loading must refuse."""
+
+    def __reduce__(self):
+        return (print, ("this ran while unpickling",))
+
+
+def test_pickle_holding_other_objects_is_refused_with_allow_pickle(tiny_7b, tmp_path):
+    import torch
+
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(tiny_7b / "config.json", folder / "config.json")
+    torch.save({"model.embed_tokens.weight": CallsPrint()}, folder / "pytorch_model.bin")
+    out = tmp_path / "out"
+    one_sentence(run("convert", "gguf", folder, out, "--quant", "F32", "--allow-pickle"), 1,
+                 "pytorch_model.bin", "objects other than tensors")
+    torch.save({"model.embed_tokens.weight": 3}, folder / "pytorch_model.bin")
+    one_sentence(run("convert", "gguf", folder, out, "--quant", "F32", "--allow-pickle"), 1, "state dict")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_models_rm_on_a_symlinked_entry_keeps_the_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path / "home"))
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    (tmp_path / "home" / "models" / "linked").symlink_to(target)
+    result = run("models", "rm", "linked", "--yes")
+    assert result.exit_code == 0 and "link" in result.output, result.output
+    assert (target / "config.json").is_file() and not (tmp_path / "home" / "models" / "linked").exists()
+
+
+def test_models_pull_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUATUO_LITE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")     # nothing listens there: no network
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")
+    last = one_sentence(run("models", "pull", "huatuogpt-vision-7b"), 1, "Hugging Face Hub", "HF_HUB_OFFLINE")
+    assert "by hand" in last
+    assert not (tmp_path / "home" / "models" / "huatuogpt-vision-7b").exists()     # nothing half-pulled listed
+
+
+def test_fifo_given_as_model_file_or_data(gguf_7b_f16, tiny_7b, tmp_path):
+    import os
+
+    folder = _copy(gguf_7b_f16, tmp_path)
+    text = _role(folder, "text")
+    text.unlink()
+    os.mkfifo(text)
+    one_sentence(run("ask", "-m", folder, *GREEDY, "Q?"), 1, text.name, "regular file")
+    (folder / "manifest.json").unlink()
+    os.mkfifo(folder / "manifest.json")
+    one_sentence(run("ask", "-m", folder, *GREEDY, "Q?"), 1, "manifest.json")
+    fifo = tmp_path / "data.json"
+    os.mkfifo(fifo)
+    one_sentence(run("batch", fifo, "-m", tiny_7b, "-o", tmp_path / "o.jsonl"), 1, "regular file")

@@ -197,3 +197,23 @@ def test_ray_batch_killed_half_way_resumes(ray_address, eval_rows, tiny_7b, synt
     assert final[:len(kept)] == kept                        # resumed by appending, nothing redone
     assert [json.loads(line)["index"] for line in final] == list(range(12))
     assert [json.loads(line)["output"] for line in final] == [eval_rows[i]["output"] for i in range(12)]
+
+
+def test_cli_batch_exits_1_when_a_record_failed_and_keeps_the_file_complete(tiny_7b, pubmedvision, tmp_path):
+    from click.testing import CliRunner
+
+    from huatuo_lite.cli import cli
+
+    out = tmp_path / "cli.jsonl"
+    records = json.loads(pubmedvision.read_text(encoding="utf-8"))
+    data = tmp_path / "two.json"       # record 1's image is missing
+    data.write_text(json.dumps([{**records[0], "image": [str(pubmedvision.parent / p) for p in records[0]["image"]]},
+                                {**records[1], "image": ["/nonexistent/not-there.png"]}]), encoding="utf-8")
+    result = CliRunner().invoke(cli, ["batch", str(data), "-m", str(tiny_7b), "-b", "torch", "--threads", "1",
+                                      "-o", str(out), "--max-tokens", "2", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    summary = json.loads(next(line for line in lines if line.startswith("{")))
+    assert summary["errors"] == 1 and summary["answered"] == 1
+    assert lines[-1] == f"Error: 1 of 2 records failed; their rows in {out} give the reason (run the same command again to retry them)."
+    assert [r["index"] for r in rows(out)] == [0, 1] and rows(out)[1]["error"]
