@@ -16,6 +16,7 @@ from .family import EVAL_MAX_NEW_TOKENS
 @click.option("-b", "--backend", type=click.Choice(sorted(BACKEND_MODULES)), help="Engine; default: the model folder's own.")
 @click.option("--quant", help="Which quantization to load when a folder holds several (e.g. Q4_K_M).")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads.")
+@click.option("--gpu-layers", type=click.IntRange(-1), help="Layers offloaded to Metal/CUDA (GGUF; -1 = all).")
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N closed questions.")
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               help="Report folder (resumed if it exists). Default: eval-<data name>-<model name>/.")
@@ -29,7 +30,7 @@ from .family import EVAL_MAX_NEW_TOKENS
 @click.option("--max-tokens", type=click.IntRange(1), default=EVAL_MAX_NEW_TOKENS, show_default=True,
               help="Most new tokens per answer (the scorer reads the first letter only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def eval_command(data, model, backend, quant, threads, limit, out_dir, compare, compare_root,
+def eval_command(data, model, backend, quant, threads, gpu_layers, limit, out_dir, compare, compare_root,
                  temperature, seed, max_tokens, no_progress):
     """Score MODEL on DATA, an upstream-format eval JSON beside its images/ folder.
 
@@ -51,7 +52,7 @@ def eval_command(data, model, backend, quant, threads, limit, out_dir, compare, 
         return
     from .evaluate import run_eval
 
-    options = {k: v for k, v in dict(quant=quant, threads=threads).items() if v is not None}
+    options = {k: v for k, v in dict(quant=quant, threads=threads, gpu_layers=gpu_layers).items() if v is not None}
     report = run_eval(model, data, out, backend=backend, limit=limit, progress=not no_progress,
                       load_options=options, **gen)
     click.echo(render_markdown(report))
