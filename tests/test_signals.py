@@ -73,6 +73,7 @@ def manifest_files(folder: Path) -> dict:
 
 
 # ------------------------------------------------------------- convert gguf ----
+@pytest.mark.slow      # 23-33 s each here: a conversion, a signal, a second conversion
 @pytest.mark.parametrize("point", ["gguf-text-written", "gguf-vision"])
 def test_sigterm_during_convert_gguf_leaves_nothing_and_rerun_works(point, tiny_7b, tmp_path):
     out = tmp_path / "g"
