@@ -27,6 +27,7 @@ from .errors import HuatuoError
 from .evaluate import first_letter
 from .fsutil import disk_full_error
 from .interrupt import Interrupted
+from .resume import check_settings, read_rows
 from .family import EVAL_MAX_NEW_TOKENS, GENERATION_DEFAULTS, GenerationConfig
 
 # item kind -> default most new tokens (eval's scorer reads one letter; the rest answer in full)
@@ -91,29 +92,8 @@ def read_done(out: Path, items: Sequence[BatchItem]) -> dict:
     """Rows already in `out` by record index (the last row wins; rows with an
     error are retried). A torn last line (a kill mid-write) is cut off so
     appending starts on a fresh line."""
-    if not out.is_file():
-        return {}
-    data = out.read_bytes()
-    complete = data[:data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(out, "r+b") as fh:
-            fh.truncate(len(complete))
-    keys, done = {item.index: item.key for item in items}, {}
-    try:
-        text = complete.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HuatuoError(f"{out} is not UTF-8 text (edited or overwritten?); use another --out or delete it.") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            raise HuatuoError(f"Line {number} of {out} is not JSON (edited by hand?); fix or delete it.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("index"), int) or isinstance(row["index"], bool) \
-                or not isinstance(row.get("key"), str):
-            raise HuatuoError(f"Line {number} of {out} is not a result row with an index and key "
-                              "(edited by hand?); fix or delete it.")
-        if keys.get(row.get("index"), row.get("key")) != row.get("key"):
-            raise HuatuoError(f"{out} holds results of another dataset; use another --out or delete it.")
+    done = {}
+    for row in read_rows(out, {item.index: item.key for item in items}):
         if row.get("error") is None:
             done[row["index"]] = row
         else:
@@ -155,25 +135,12 @@ def compact(out: Path, items: Sequence[BatchItem]) -> None:
 
 
 def check_run_info(out: Path, info: dict) -> None:
-    """Refuse to resume a results file made with another model or settings."""
-    from .fsutil import atomic_path
-
+    """Refuse to resume a results file made with another model or settings; the
+    settings of a results file that is gone are stale and written anew."""
     path = out.with_name(out.name + ".run.json")
-    if path.is_file() and out.is_file():
-        try:
-            before = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError):
-            before = None
-        if not isinstance(before, dict):
-            raise HuatuoError(f"{path} (the settings {out} was made with) is not a JSON object (edited by hand?); "
-                              f"delete both to start over, or restore it.")
-        changed = sorted(k for k in set(before) | set(info) if before.get(k) != info.get(k))
-        if changed:
-            raise HuatuoError(f"{out} holds results made with other settings ({', '.join(changed)}); "
-                              "use another --out or delete it to start over.")
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if path.is_file() and not out.is_file():
+        path.unlink()
+    check_settings(path, info, out)
 
 
 # ---------------------------------------------------------------- runners ----

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .jsonrecords import read_record_list
+from .resume import check_settings, read_rows
 from .errors import HuatuoError
 from .family import (EVAL_ANSWER_SUFFIX, EVAL_MAX_NEW_TOKENS, EVAL_OPTION_LETTERS,
                      EVAL_SKIPPED_QUESTION_TYPES, GENERATION_DEFAULTS)
@@ -199,37 +200,16 @@ def eval_config(temperature: float = 0.0, seed: int | None = None, max_new_token
 
 # ---------------------------------------------------------------- resume ----
 def read_results(path: Path, items: Sequence[EvalItem]) -> dict:
-    """Finished results by item index; a torn last line (a kill mid-write) is dropped."""
-    if not path.is_file():
-        return {}
-    keys = {item.index: item.key for item in items}
-    done = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("index") in keys and row.get("key") != keys[row["index"]]:
-            raise HuatuoError(f"{path} holds results of another eval file; use another --out or delete it.")
-        done[row.get("index")] = row
-    return done
+    """Finished results by item index; a torn last line (a kill mid-write) is cut off."""
+    return {row["index"]: row for row in read_rows(path, {item.index: item.key for item in items}, "eval file")}
 
 
 def check_run(out_dir: Path, run_info: dict) -> None:
     """Refuse to resume a report folder made by another model or settings."""
-    from .fsutil import atomic_path, ensure_writable_dir
+    from .fsutil import ensure_writable_dir
 
     ensure_writable_dir(out_dir)
-    path = out_dir / RUN_NAME
-    if path.is_file():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        if before != run_info:
-            changed = sorted(k for k in set(before) | set(run_info) if before.get(k) != run_info.get(k))
-            raise HuatuoError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
-                              "use another --out or delete it to start over.")
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    check_settings(out_dir / RUN_NAME, run_info, out_dir / RESULTS_NAME)
 
 
 def evaluate_items(items: Sequence[EvalItem], answer: Callable[[EvalItem], dict], out_dir,
@@ -244,7 +224,6 @@ def evaluate_items(items: Sequence[EvalItem], answer: Callable[[EvalItem], dict]
     results_path = Path(out_dir) / RESULTS_NAME
     done = read_results(results_path, items)
     todo = [item for item in items if item.index not in done]
-    _end_torn_line(results_path)
     with open(results_path, "a", encoding="utf-8") as log, \
             tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, disable=not progress,
                  unit="q") as bar:
@@ -258,16 +237,6 @@ def evaluate_items(items: Sequence[EvalItem], answer: Callable[[EvalItem], dict]
             done[item.index] = row
             bar.update(1)
     return [done[item.index] for item in items]
-
-
-def _end_torn_line(path: Path) -> None:
-    """After a kill mid-write the file ends inside a line: end it, so the next
-    row starts on a line of its own (the torn one is skipped when read)."""
-    if path.is_file() and path.stat().st_size:
-        with open(path, "rb+") as fh:
-            fh.seek(-1, 2)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
 
 
 def run_eval(model, data, out_dir, backend: str | None = None, limit: int | None = None,

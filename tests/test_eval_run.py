@@ -110,6 +110,27 @@ def test_tiny_model_end_to_end_with_resume(tiny_7b, synth_set, tmp_path, monkeyp
         evaluate.run_eval(tiny_7b, data, tmp_path / "resumed", limit=4, progress=False, max_new_tokens=3)
 
 
+@pytest.mark.parametrize("edit, says", [
+    ('[1, 2]\n', "not a result row"),                        # JSON, but not a row
+    ('{"index": "0", "key": "x"}\n', "not a result row"),     # index of the wrong type
+    ('not json at all\n', "not JSON"),
+    (b'\xff\xfe{"index": 0}\n', "not UTF-8"),
+])
+def test_hand_edited_results_are_one_sentence(synth_set, tmp_path, edit, says):
+    items, _ = load_items(synth_set["test_vqa"])
+    path = tmp_path / RESULTS_NAME
+    (path.write_bytes if isinstance(edit, bytes) else path.write_text)(edit)
+    with pytest.raises(HuatuoError, match=says):
+        evaluate_items(items, _fake_answerer(), tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("settings", ["[1, 2]", "{not json", "\"a string\""])
+def test_hand_edited_run_settings_are_one_sentence(tmp_path, settings):
+    (tmp_path / evaluate.RUN_NAME).write_text(settings)
+    with pytest.raises(HuatuoError, match="not a JSON object"):
+        evaluate.check_run(tmp_path, {"model": "m"})
+
+
 def test_cli_eval_writes_both_reports(tiny_7b, synth_set, tmp_path):
     from huatuo_lite.cli import cli
 
