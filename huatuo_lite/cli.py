@@ -5,7 +5,8 @@
     huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M
 
 Every error is one sentence and a non-zero exit: usage errors 2, others 1,
-Ctrl-C 130.
+Ctrl-C 130, SIGTERM 143, SIGHUP 129 (huatuo_lite/interrupt.py); warnings are one
+line on stderr, without Python's file:line prefix.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from .cli_shared_options import engine_options, generation_options, model_option
 from .errors import HuatuoError
 from .family import DEMO_NOTICE, RESEARCH_NOTICE
 
-EXIT_INTERRUPTED = 130
 # a first word like this that is no file is a mistyped command, not an image or a question
 COMMAND_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
 
@@ -208,10 +208,19 @@ def _register_subcommands():
 _register_subcommands()
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings meant for the user (e.g. --threads clamped) as one sentence, not
+    Python's `file:line: UserWarning:` form."""
+    click.echo(f"Warning: {message}", err=True)
+
+
 def main() -> None:
+    import warnings
+
     from .interrupt import install
 
     install()       # SIGTERM/SIGHUP unwind like Ctrl-C: staging removed, exit 143/129
+    warnings.showwarning = one_line_warning
     cli(prog_name="huatuo-lite")
 
 

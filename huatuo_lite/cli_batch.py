@@ -6,6 +6,7 @@ import json
 import click
 
 from .backends import BACKEND_MODULES
+from .cli_types import MAX_TOKENS, SEED, TEMPERATURE
 from .errors import HuatuoError
 
 
@@ -21,9 +22,9 @@ from .errors import HuatuoError
               help="Run on Ray Data: 'local' starts Ray here; else a cluster address ('auto', 'ray://head:10001').")
 @click.option("-w", "--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Workers, each with its own model: local processes, or Ray actors with --ray.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--seed", type=int, help="Seed for sampling.")
-@click.option("--max-tokens", type=click.IntRange(1),
+@click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--seed", type=SEED, help="Seed for sampling (0 or more).")
+@click.option("--max-tokens", type=MAX_TOKENS,
               help="Most new tokens per answer (default: eval's budget for eval records, 512 otherwise).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N records.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .backends import BACKEND_MODULES
+from .cli_types import MAX_TOKENS, SEED, TEMPERATURE
 from .family import EVAL_MAX_NEW_TOKENS
 
 
@@ -24,10 +25,10 @@ from .family import EVAL_MAX_NEW_TOKENS
                                 "(SPEC=PATH names a folder).")
 @click.option("--compare-root", type=click.Path(file_okay=False),
               help="Where --compare looks for converted folders (default: the folder holding --model).")
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True,
               help="0 = greedy; upstream eval samples at 0.2 (use with --seed).")
-@click.option("--seed", type=int, help="Seed for sampling.")
-@click.option("--max-tokens", type=click.IntRange(1), default=EVAL_MAX_NEW_TOKENS, show_default=True,
+@click.option("--seed", type=SEED, help="Seed for sampling (0 or more).")
+@click.option("--max-tokens", type=MAX_TOKENS, default=EVAL_MAX_NEW_TOKENS, show_default=True,
               help="Most new tokens per answer (the scorer reads the first letter only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_command(data, model, backend, quant, threads, gpu_layers, limit, out_dir, compare, compare_root,

@@ -60,5 +60,5 @@ def test_cli_warns_in_one_line_and_answers(tmp_path):
                           env={**__import__("os").environ, "HUATUO_LITE_NO_NOTICE": "1"})
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if "--threads" in line]
-    assert lines == [f"huatuo-lite:0: UserWarning: --threads {huge} is more than the "
+    assert lines == [f"Warning: --threads {huge} is more than the "
                      f"{backends.available_cpus()} CPUs of this machine: using {backends.available_cpus()}."]
