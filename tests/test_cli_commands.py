@@ -106,12 +106,20 @@ def test_models_pull_uses_hub_with_patterns(store, monkeypatch):
     import huggingface_hub
 
     calls = {}
+
+    def download(**kw):                 # writes into local_dir, as huggingface-hub does
+        calls.update(kw)
+        Path(kw["local_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(kw["local_dir"]) / "config.json").write_text("{}")
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.update(kw))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
     result = run("models", "pull", "huatuogpt-vision-7b")
     assert result.exit_code == 0, result.output
-    assert calls["repo_id"] == "FreedomIntelligence/HuatuoGPT-Vision-7B"
-    assert "*.safetensors" in calls["allow_patterns"] and Path(calls["local_dir"]) == store / "huatuogpt-vision-7b"
+    assert calls["repo_id"] == "FreedomIntelligence/HuatuoGPT-Vision-7B" and "*.safetensors" in calls["allow_patterns"]
+    # downloaded under a hidden name, renamed into place when complete
+    assert Path(calls["local_dir"]).name.startswith(".") and not Path(calls["local_dir"]).exists()
+    assert (store / "huatuogpt-vision-7b" / "config.json").is_file()
 
 
 def test_model_names_resolve_without_network(store, gguf_7b_f16, monkeypatch):
