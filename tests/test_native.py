@@ -25,6 +25,14 @@ SKIP_REASON = ("llama.cpp's native tools are not built (no build/bin/llama-mtmd-
 TOOLS_BUILT = find_tool("llama-mtmd-cli", required=False) is not None and native_lib_dir() is not None
 requires_tools = pytest.mark.skipif(not TOOLS_BUILT, reason=SKIP_REASON)
 
+
+def requires_tool(name: str):
+    """Skip, saying why, where one tool of the build is missing (a partial build:
+    `cmake --build build --target llama-mtmd-cli` builds that tool alone)."""
+    missing = find_tool(name, required=False) is None
+    return pytest.mark.skipif(missing, reason=f"{name} is not built (build/bin); build it with "
+                                              f"`cmake --build build --target {name}`")
+
 from fixtures_gguf import *  # noqa: E402,F401,F403
 from fixtures_gguf import QUESTIONS  # noqa: E402
 
@@ -174,6 +182,8 @@ def calibration_json(tmp_path_factory):
 
 
 @requires_tools
+@requires_tool("llama-imatrix")
+@requires_tool("llama-quantize")
 def test_convert_gguf_with_imatrix(tiny_7b, calibration_json, tmp_path):
     """`convert gguf --imatrix` quantizes with an importance matrix, records it in the
     manifest, and gives a different (imatrix-weighted) Q4_K_M than the plain one."""
