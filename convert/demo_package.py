@@ -21,6 +21,7 @@ from pathlib import Path
 
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.fidelity import EVAL_SET, FIDELITY_CARD
+from huatuo_lite.fidelity_chart import FIDELITY_CHART
 
 SHIPPED = {"gguf": ("gguf", "Q8_0"), "onnx": ("onnx", "int8")}        # folder -> (format, quant)
 COMPARED_ONLY = {"q4": ("gguf", "Q4_K_M"), "int4": ("onnx", "int4")}
@@ -28,15 +29,20 @@ COMPARE_ORDER = ("reference", "gguf:Q8_0", "gguf:Q4_K_M", "onnx:int8", "onnx:int
 TRAINING_EXTRAS = ("train_log.json", "checkpoints")                    # not part of the checkpoint shipped
 
 
+# The demo's identity in its files (GGUF general.*, card, Modelfile): our own model, Apache-2.0,
+# no upstream base model.
+DEMO_IDENTITY = dict(name="huatuo-lite-demo", base_repo=None, license="apache-2.0")
+
+
 def _export(fmt: str, quant: str, src: Path, out: Path) -> None:
     if fmt == "gguf":
         from .gguf_export import export_gguf
 
-        export_gguf(src, out, quant=quant, threads=2)
+        export_gguf(src, out, quant=quant, threads=2, **DEMO_IDENTITY)
     else:
         from .onnx_export import export_onnx
 
-        export_onnx(src, out, quant=quant)
+        export_onnx(src, out, quant=quant, **DEMO_IDENTITY)
 
 
 def _copy_checkpoint(model: Path, target: Path) -> None:
@@ -81,6 +87,9 @@ def package_demo(model, dest, scratch=None, progress: bool = True, limit: int | 
     rows = compare(specs, work / "eval" / "eval.json", scratch / "compare", limit=limit, progress=progress)
     card = (scratch / "compare" / FIDELITY_CARD).read_text(encoding="utf-8")
     (work / FIDELITY_CARD).write_text(card.replace(f"{work.absolute()}/", ""), encoding="utf-8")
+    chart = scratch / "compare" / FIDELITY_CHART
+    if chart.is_file():                      # linked from FIDELITY.md
+        shutil.copy2(chart, work / FIDELITY_CHART)
     _write_model_card(model, work, demo_args)
     if dest.exists():
         shutil.rmtree(dest)
