@@ -1,7 +1,8 @@
 """`huatuo-lite convert onnx`: upstream folder -> vision.onnx + embed.onnx +
 decoder.onnx (+ .data files) + tokenizer files + manifest.json.
 
-The three graphs follow onnxruntime-genai's layout for vision models.
+Three graphs split as vision models are (pixels -> features, ids -> embeddings,
+embeddings -> logits); onnxruntime-genai cannot load them (README, ONNX).
 
   embed, decoder  written by onnx_stream straight in the asked quant: the graph
                   structure from the config (onnx_builder), each weight streamed
