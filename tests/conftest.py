@@ -13,6 +13,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HUATUO_LITE_NO_NOTICE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="also run the opt-in long tests (marker `long`): the demo recipe, the "
+                          "1000-request soak, the long fuzz profiles (or set HUATUO_LITE_LONG=1)")
+
+
+def pytest_configure(config):
+    if config.getoption("--long"):
+        os.environ["HUATUO_LITE_LONG"] = "1"       # read by the fuzz modules for their example counts
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("HUATUO_LITE_LONG") == "1":
+        return
+    skip = pytest.mark.skip(reason="a long test: run with `python -m pytest --long -m long` (CI does)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 def _torch_one_thread():
     try:
         import torch

@@ -20,6 +20,7 @@ SMALL_KINDS_DROPPED = ("count", "side", "vertical", "size")
 SMALL_MARGIN = 0.15
 
 
+@pytest.mark.long      # 60-90 s of training on 2 cores
 def test_smaller_demo_learns_well_above_chance(tmp_path):
     from huatuo_lite.convert.demo import build_demo
 

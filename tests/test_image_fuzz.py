@@ -6,7 +6,7 @@ hangs, and memory stays bounded (the per-image limit is lowered to 2 MP here so
 that absurd but "allowed" headers cost milliseconds, not gigabytes).
 
 The fast profile runs in `pytest -q` (a few seconds); the long one is marked
-`slow` and runs only with HUATUO_LITE_FUZZ_LONG=1 (many more examples).
+`long` and runs only with `pytest --long` (many more examples).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-LONG = os.environ.get("HUATUO_LITE_FUZZ_LONG") == "1"
+LONG = os.environ.get("HUATUO_LITE_LONG") == "1"          # set by `pytest --long`
 FAST_EXAMPLES, LONG_EXAMPLES = 100, 3000
 TEST_LIMIT = 2_000_000          # pixels per image while fuzzing
 RSS_GROWTH_LIMIT_MB = 600       # a decoded absurd header would take gigabytes
@@ -269,8 +269,7 @@ def test_generated_inputs_load_or_give_one_sentence(name, small_limit):
     PROPERTIES[name]()(FAST_EXAMPLES)()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="the long fuzz profile runs with HUATUO_LITE_FUZZ_LONG=1")
+@pytest.mark.long
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
 def test_generated_inputs_long(name, small_limit):
     if name.startswith("dicom"):

@@ -2,7 +2,7 @@
 bytes or any JSON, and either load them or raise HuatuoError with one sentence
 (one line, ending in a full stop); nothing else escapes.
 
-The default profile is fast (tens of examples); HUATUO_LITE_FUZZ_LONG=1 runs
+The default profile is fast (tens of examples); `pytest --long` runs
 the `slow` variants with thousands."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from huatuo_lite.batch_records import load_batch_items
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.manifest import MANIFEST_NAME, check_sizes, files_with_role, read_manifest
 
-LONG = os.environ.get("HUATUO_LITE_FUZZ_LONG") == "1"
+LONG = os.environ.get("HUATUO_LITE_LONG") == "1"          # set by `pytest --long`
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=3000 if LONG else 60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -129,16 +129,14 @@ def test_known_bad_shapes_are_one_sentence(tmp_path):
 
 
 # ----------------------------------------------------------------- longer ----
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="set HUATUO_LITE_FUZZ_LONG=1")
+@pytest.mark.long
 @SLOW
 @given(manifest_like | json_values | st.binary(max_size=400))
 def test_long_manifest_fuzz(tmp_path, value):
     check_manifest(tmp_path, value if isinstance(value, bytes) else as_json(value))
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="set HUATUO_LITE_FUZZ_LONG=1")
+@pytest.mark.long
 @SLOW
 @given(st.lists(record_like, max_size=8) | json_values | st.binary(max_size=400))
 def test_long_batch_records_fuzz(tmp_path, value):

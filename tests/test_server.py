@@ -441,7 +441,7 @@ def memory_requests(n_images: int):
                b'{"messages": [{"role": "user", "content": "\\ud800"}]}'][index % 4]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(not DEMO.is_dir() or not Path("/proc/self/status").exists(),
                     reason="needs models/demo and /proc")
 def test_rss_stays_flat_over_1000_requests(tmp_path):

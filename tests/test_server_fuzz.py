@@ -3,7 +3,7 @@
 Property: every input is parsed or refused with the project's own error type
 (ApiError / HuatuoError) carrying one sentence; nothing else escapes, and the
 HTTP layer answers no generated body with a 500. The default profile is fast;
-HUATUO_LITE_FUZZ_LONG=1 runs the slow test with many more examples.
+`pytest --long` runs the slow test with many more examples.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from huatuo_lite.server_app import parse_request  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo" / "gguf"
 EXAMPLE = ROOT / "models" / "examples" / "chest_xray.png"
-LONG = os.environ.get("HUATUO_LITE_FUZZ_LONG") == "1"
+LONG = os.environ.get("HUATUO_LITE_LONG") == "1"          # set by `pytest --long`
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 LONG_RUN = settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 HTTP_FAST = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -153,8 +153,7 @@ def test_the_request_path_parses_or_refuses_in_one_sentence(path_settings, body)
     check_server_path(body, path_settings)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="set HUATUO_LITE_FUZZ_LONG=1 for the long fuzz run")
+@pytest.mark.long
 @LONG_RUN
 @given(MESSAGES, bodies())
 def test_long_parser_and_request_path(path_settings, messages, body):
@@ -205,8 +204,7 @@ def test_the_server_never_answers_500(demo_server, body):
     check_http(demo_server, body)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not LONG, reason="set HUATUO_LITE_FUZZ_LONG=1 for the long fuzz run")
+@pytest.mark.long
 @HTTP_LONG
 @given(bodies())
 def test_long_the_server_never_answers_500(demo_server, body):
