@@ -135,7 +135,7 @@ def run_load(base: str, key: str | None, model_id: str, args) -> dict:
 
 
 def tiny_model(folder: Path) -> str:
-    from huatuo_lite.convert.tiny import make_tiny
+    from huatuo_lite.convert.tiny.make import make_tiny
 
     return str(make_tiny(folder / "model", variant="7b", seed=0))
 

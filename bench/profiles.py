@@ -1,7 +1,7 @@
 """Benchmark profiles (model shapes) and the model folders each one is measured on.
 
 A profile is a random-weight upstream-format checkpoint of a real shape, built by
-convert/tiny.py and converted by the normal paths (export_gguf, export_onnx,
+convert/tiny/make.py and converted by the normal paths (export_gguf, export_onnx,
 quantize_onnx), so the benchmark times what a user would run. Folders are kept
 under WORK/<profile>/ and reused by later runs (each one is written atomically by
 its converter, so a folder with a manifest is complete).
@@ -40,7 +40,7 @@ class Profile:
 
 
 PROFILES = {p.name: p for p in (
-    Profile("tiny", {}, "convert/tiny.py's default sizes (2 layers, 256 wide): seconds, for the smoke test",
+    Profile("tiny", {}, "convert/tiny/make.py's default sizes (2 layers, 256 wide): seconds, for the smoke test",
             new_tokens=8),
     # Qwen2-0.5B: hidden 896, 14 heads of 64, 2 KV heads, SwiGLU 4864, 24 layers, 151936 rows.
     Profile("small", dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -92,10 +92,10 @@ def _done(folder: Path) -> bool:
 
 
 # converter name -> "module:function"; each build runs in its own process (its peak RSS is its own)
-CONVERTERS = {"make_tiny": "huatuo_lite.convert.tiny:make_tiny",
-              "export_gguf": "huatuo_lite.convert.gguf_export:export_gguf",
-              "export_onnx": "huatuo_lite.convert.onnx_export:export_onnx",
-              "quantize_onnx": "huatuo_lite.convert.onnx_export:quantize_onnx"}
+CONVERTERS = {"make_tiny": "huatuo_lite.convert.tiny.make:make_tiny",
+              "export_gguf": "huatuo_lite.convert.gguf.export:export_gguf",
+              "export_onnx": "huatuo_lite.convert.onnx.export:export_onnx",
+              "quantize_onnx": "huatuo_lite.convert.onnx.export:quantize_onnx"}
 
 
 def build(log: dict, key: str, converter: str, *args, **kwargs) -> None:

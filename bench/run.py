@@ -49,7 +49,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
     import numpy as np
     from PIL import Image
 
-    from huatuo_lite.family import IMAGE_SIZE
+    from huatuo_lite.families.llava import IMAGE_SIZE
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

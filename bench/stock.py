@@ -3,12 +3,12 @@
 llama-bench gives prefill (pp, `-p`) and decode (tg, `-n`) tokens/s on the text GGUF;
 llama-mtmd-cli, given the mmproj and an image, gives the whole first answer's timings
 (image encode, prompt eval of image + text, decode), i.e. its time to first token.
-Both come from huatuo_lite.native (build/bin); when absent the rows are skipped.
+Both come from huatuo_lite.llama_tools (build/bin); when absent the rows are skipped.
 
 Like for like: decode runs at the depth our rows decoded at (`-d` = their prompt tokens:
 attention over ~600 cached positions costs ~20% of a small model's step; tg at depth 0
 flattered stock by that much), and with the attention settings our context uses
-(huatuo_lite.backends.gguf_native.new_context: unquantized GGUFs run exact, F32 KV cache
+(huatuo_lite.backends.gguf_llama.new_context: unquantized GGUFs run exact, F32 KV cache
 and no flash attention; quantized ones llama.cpp's defaults). The arguments go in the row.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 import statistics
 from pathlib import Path
 
-from huatuo_lite import native
+from huatuo_lite import llama_tools as native
 from huatuo_lite.errors import HuatuoError
 
 MTMD_TRIES = 2                 # this build's mtmd-cli usually loses its perf lines: retry once
@@ -98,8 +98,8 @@ def parse_mtmd_log(text: str) -> dict:
 def mtmd_first_answer(text_gguf: Path, mmproj: Path, image: Path, question: str, threads: int,
                       new_tokens: int, quant: str | None = None) -> dict:
     """One greedy first answer by llama-mtmd-cli; its timings (see parse_mtmd_log)."""
-    from huatuo_lite.convert.gguf_text import MTMD_MARKER
-    from huatuo_lite.family import IMAGE_LINE, IMAGE_PLACEHOLDER
+    from huatuo_lite.convert.gguf.text import MTMD_MARKER
+    from huatuo_lite.families.llava import IMAGE_LINE, IMAGE_PLACEHOLDER
 
     prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) + question
     args = ["-m", text_gguf, "--mmproj", mmproj, "--image", image, "-p", prompt, "--temp", "0",

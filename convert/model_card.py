@@ -7,10 +7,10 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from huatuo_lite.family import RESEARCH_NOTICE
+from huatuo_lite.families.llava import RESEARCH_NOTICE
 from huatuo_lite.fsutil import atomic_path
 from huatuo_lite.manifest import MANIFEST_NAME
-from huatuo_lite.native import self_test_verdict
+from huatuo_lite.llama_tools import self_test_verdict
 
 CARD = "README.md"
 PIPELINE_TAG = "image-text-to-text"

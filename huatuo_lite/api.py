@@ -19,9 +19,9 @@ from . import store
 from .backends import load_backend
 from .cache import FeatureCache
 from .errors import HuatuoError
-from .family import GENERATION_DEFAULTS, GenerationConfig
 from .generate import Answer, run
 from .prompt import Turn
+from .generate import generation_config
 
 CLOSED = "This model was closed; load it again with huatuo_lite.load(...)."
 
@@ -93,11 +93,6 @@ def as_image_list(images) -> list:
     if images is None:
         return []
     return list(images) if isinstance(images, (list, tuple)) else [images]
-
-
-def generation_config(**options) -> GenerationConfig:
-    """Upstream defaults with the given (non-None) options replaced."""
-    return GENERATION_DEFAULTS.with_overrides(**options)
 
 
 def load(model=None, backend: str | None = None, **options) -> HuatuoVision:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .family import MAX_IMAGES
+from .families.llava import MAX_IMAGES
 from .errors import PromptError
 from .prompt import Turn
 

@@ -14,12 +14,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import image as image_mod
+from .image import load as image_mod
 from . import prompt as prompt_mod
 from .backends.base import Engine, ImageEmbeds, segments_length
 from .cache import FeatureCache
-from .family import GenerationConfig
+from .families.llava import GenerationConfig
 from .sampler import Sampler
+from .families.llava import GENERATION_DEFAULTS, GenerationConfig
 
 
 @dataclass
@@ -160,3 +161,8 @@ def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def generation_config(**options) -> GenerationConfig:
+    """Upstream defaults with the given (non-None) options replaced."""
+    return GENERATION_DEFAULTS.with_overrides(**options)

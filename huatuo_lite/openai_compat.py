@@ -156,7 +156,7 @@ def messages_to_turns(messages) -> tuple[list, list]:
 def chat_completion(model, messages, stream: bool, options: dict):
     """Run the conversation; an OpenAI-shaped response or chunk iterator.
     options: OpenAI generation options, plus stream_options={"include_usage": bool}."""
-    from .api import generation_config
+    from .generate import generation_config
     from .generate import run_turns
 
     turns, images = messages_to_turns(messages)

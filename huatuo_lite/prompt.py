@@ -25,7 +25,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from . import family
+from .families import llava as family
 from .backends.base import ImageEmbeds, Segment
 from .errors import PromptError
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .family import GenerationConfig
+from .families.llava import GenerationConfig
 
 
 class Sampler:

@@ -67,7 +67,7 @@ def run(folder: Path, threads: int = 1) -> dict:
 
     from huatuo_lite.backends.gguf_mtmd import (SELF_TEST_MIN_COSINE, MtmdEncoder, self_test_pixels,
                                                 token_cosines)
-    from huatuo_lite.backends.gguf_native import load_model
+    from huatuo_lite.backends.gguf_llama import load_model
     from huatuo_lite.backends.vision_onnx import OnnxVisionEncoder
 
     text, mmproj, vision = _paths(folder)

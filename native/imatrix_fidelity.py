@@ -9,7 +9,7 @@ model's greedy continuation through every quant and reports the top-1 agreement 
 the mean KL(F32 || quant) of next-token distributions over all positions (text only:
 the imatrix is computed on text). Needs the native tools (CMakeLists.txt).
 With `--eval EVAL.json` it also converts complete folders (mmproj + vision.onnx) and
-runs the eval harness (huatuo_lite.fidelity.compare: accuracy, agreement and
+runs the eval harness (huatuo_lite.eval.fidelity.compare: accuracy, agreement and
 first-answer-token KL against the torch reference, with images) on every quant.
 One thread throughout; prints one JSON object per quant and a summary table.
 """
@@ -26,7 +26,7 @@ CONTINUATION = 16      # greedy tokens of the F32 model appended to each prompt
 
 
 def convert(src: Path, out: Path, quant: str, imatrix: Path | None = None, vision: bool = False) -> Path:
-    from huatuo_lite.convert.gguf_export import export_gguf
+    from huatuo_lite.convert.gguf.export import export_gguf
 
     if not out.is_dir():
         export_gguf(src, out, quant=quant, vision_onnx=vision, threads=1, imatrix=imatrix)
@@ -35,7 +35,7 @@ def convert(src: Path, out: Path, quant: str, imatrix: Path | None = None, visio
 
 def eval_rows(args) -> list[dict]:
     """fidelity.compare on complete conversions: reference (torch), then each quant +- imatrix."""
-    from huatuo_lite.fidelity import Spec, compare
+    from huatuo_lite.eval.fidelity import Spec, compare
 
     specs = [Spec("reference", "torch", None, args.model)]
     for quant in args.quants:
@@ -47,7 +47,7 @@ def eval_rows(args) -> list[dict]:
 
 
 def held_out_questions(path: Path, limit: int) -> list[str]:
-    from huatuo_lite.convert.imatrix import _pairs
+    from huatuo_lite.convert.gguf.imatrix import _pairs
 
     records = json.loads(path.read_text(encoding="utf-8"))
     questions = [q.replace("<image>", "").strip() for r in records for q, _ in _pairs(r)]

@@ -4,7 +4,7 @@
 
 For every eval item (upstream eval format): the answer of the GGUF backend, of the
 built llama-mtmd-cli (LLaVA class-token fix applied) and of the same tool with
-llama-cpp-python's stock libmtmd (huatuo_lite.native.stock_mtmd_dir), all greedy on
+llama-cpp-python's stock libmtmd (huatuo_lite.llama_tools.stock_mtmd_dir), all greedy on
 the same 336x336 pixels (image.py's preprocessing saved as PNG, so libmtmd's own
 resize/pad is the identity). Prints accuracy per engine and agreement with ours.
 """
@@ -21,7 +21,7 @@ def preprocessed_png(image: str, out: Path) -> Path:
     from PIL import Image
 
     from huatuo_lite.backends.gguf_mtmd import pixels_to_rgb8
-    from huatuo_lite.image import load_image, preprocess
+    from huatuo_lite.image.load import load_image, preprocess
 
     rgb = pixels_to_rgb8(preprocess([load_image(image)]))[0]
     Image.fromarray(rgb, "RGB").save(out)
@@ -29,7 +29,7 @@ def preprocessed_png(image: str, out: Path) -> Path:
 
 
 def backend_answer(engine, images, question: str, n_predict: int) -> bytes:
-    from huatuo_lite.family import GenerationConfig
+    from huatuo_lite.families.llava import GenerationConfig
     from huatuo_lite.generate import run
 
     config = GenerationConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=n_predict)
@@ -42,7 +42,7 @@ def backend_answer(engine, images, question: str, n_predict: int) -> bytes:
 def _cli_or_none(roles: dict, images, question: str, n_predict: int, libmtmd_dir) -> bytes | None:
     """llama-mtmd-cli's answer, or None when it kept losing its output (llama.cpp's logger)."""
     from huatuo_lite.errors import HuatuoError
-    from huatuo_lite.native import mtmd_cli_answer
+    from huatuo_lite.llama_tools import mtmd_cli_answer
 
     try:
         return mtmd_cli_answer(roles["text"], roles["mmproj"], images, question, n_predict, libmtmd_dir=libmtmd_dir)
@@ -59,9 +59,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from huatuo_lite.backends import load_backend
-    from huatuo_lite.evaluate import load_items, score
+    from huatuo_lite.eval.run import load_items, score
     from huatuo_lite.manifest import read_manifest
-    from huatuo_lite.native import stock_mtmd_dir
+    from huatuo_lite.llama_tools import stock_mtmd_dir
 
     roles = {e["role"]: args.gguf_dir / n for n, e in read_manifest(args.gguf_dir)["files"].items()}
     items, _ = load_items(args.eval_json, args.limit)

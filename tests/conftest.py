@@ -1,5 +1,7 @@
-"""Shared fixtures: one thread everywhere, and tiny upstream-format checkpoints
-built once per session (each test that needs a model makes or reuses its own)."""
+"""Fixtures shared by more than one test folder: one thread everywhere, the tiny upstream-format
+checkpoints, their torch reference engines, and their GGUF / ONNX conversions, each built once per
+session. A fixture used by one folder only lives in that folder's conftest.py; plain helpers (not
+fixtures) are in tests/support/ and are imported by name."""
 from __future__ import annotations
 
 import os
@@ -45,7 +47,7 @@ _torch_one_thread()
 
 
 def _tiny(tmp_path_factory, variant):
-    tiny = pytest.importorskip("huatuo_lite.convert.tiny")
+    tiny = pytest.importorskip("huatuo_lite.convert.tiny.make")
     out = tmp_path_factory.mktemp(f"tiny-{variant}")
     return tiny.make_tiny(out / "model", variant=variant, seed=0)
 
@@ -88,3 +90,63 @@ def torch_34b(tiny_34b):
 @pytest.fixture(scope="session")
 def torch_7b_hf(tiny_7b_hf):
     yield from _reference(tiny_7b_hf)
+
+
+# GGUF conversions (were tests/fixtures_gguf.py). The F32 folders are complete (text + mmproj +
+# vision.onnx + self-test); the F16/Q8_0/Q4_K_M folders of the 7B are text-only (vision_onnx=False)
+# because their tests are teacher-forced on text.
+def _convert(src, tmp_path_factory, label, quant, **options):
+    for module in ("torch", "gguf", "llama_cpp"):
+        pytest.importorskip(module)
+    from huatuo_lite.convert.gguf.export import export_gguf
+
+    out = tmp_path_factory.mktemp(f"gguf-{label}-{quant}")
+    export_gguf(src, out, quant=quant, threads=1, **options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gguf_7b_f32(tiny_7b, tmp_path_factory):
+    return _convert(tiny_7b, tmp_path_factory, "7b", "F32")
+
+
+@pytest.fixture(scope="session")
+def gguf_34b_f32(tiny_34b, tmp_path_factory):
+    return _convert(tiny_34b, tmp_path_factory, "34b", "F32")
+
+
+@pytest.fixture(scope="session")
+def gguf_7b_hf_f32(tiny_7b_hf, tmp_path_factory):
+    return _convert(tiny_7b_hf, tmp_path_factory, "7b-hf", "F32")
+
+
+@pytest.fixture(scope="session")
+def gguf_7b_f16(tiny_7b, tmp_path_factory):
+    return _convert(tiny_7b, tmp_path_factory, "7b", "F16", vision_onnx=False)
+
+
+@pytest.fixture(scope="session")
+def gguf_7b_q8_0(tiny_7b, tmp_path_factory):
+    return _convert(tiny_7b, tmp_path_factory, "7b", "Q8_0", mmproj_type="Q8_0", vision_onnx=False)
+
+
+@pytest.fixture(scope="session")
+def gguf_7b_q4_k_m(tiny_7b, tmp_path_factory):
+    return _convert(tiny_7b, tmp_path_factory, "7b", "Q4_K_M", vision_onnx=False)
+
+
+# The fp32 ONNX export of the 7B (was tests/fixtures_onnx.py; the other exports are in
+# tests/convert/onnx/conftest.py, the only folder that uses them).
+def _export_onnx(src, tmp_path_factory, label, **options):
+    for module in ("torch", "onnx", "onnxruntime"):
+        pytest.importorskip(module)
+    from huatuo_lite.convert.onnx.export import export_onnx
+
+    out = tmp_path_factory.mktemp(f"onnx-{label}")
+    export_onnx(src, out, **options)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_7b(tiny_7b, tmp_path_factory):
+    return _export_onnx(tiny_7b, tmp_path_factory, "7b-fp32", quant="fp32")

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fixtures_gguf import *  # noqa: F401,F403
+from support.engines import random_pixels, skip_without
+skip_without('torch', 'gguf', 'llama_cpp')
 from huatuo_lite import api
 from huatuo_lite.backends.base import ImageEmbeds, common_prefix, drop_positions, position_keys
 from huatuo_lite.cache import FeatureCache

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from huatuo_lite import family
+from huatuo_lite.families import llava as family
 from huatuo_lite import prompt as pm
 from huatuo_lite.backends.base import ImageEmbeds, segments_length
 from huatuo_lite.errors import PromptError

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from huatuo_lite.family import GenerationConfig
+from huatuo_lite.families.llava import GenerationConfig
 from huatuo_lite.sampler import Sampler, softmax, top_k_filter, top_p_filter
 
 torch = pytest.importorskip("torch")
@@ -73,7 +73,7 @@ BAD_OPTIONS = [("temperature", float("nan")), ("temperature", 1e-310), ("tempera
 @pytest.mark.parametrize("name,value", BAD_OPTIONS)
 def test_bad_options_are_one_sentence_naming_the_option(name, value):
     from huatuo_lite.errors import HuatuoError
-    from huatuo_lite.family import GENERATION_DEFAULTS
+    from huatuo_lite.families.llava import GENERATION_DEFAULTS
 
     with pytest.raises(HuatuoError) as info:
         GENERATION_DEFAULTS.with_overrides(**{name: value})
@@ -84,7 +84,7 @@ def test_bad_options_are_one_sentence_naming_the_option(name, value):
 
 
 def test_smallest_temperature_samples_finite_probabilities():
-    from huatuo_lite.family import MIN_TEMPERATURE
+    from huatuo_lite.families.llava import MIN_TEMPERATURE
 
     sampler = Sampler(GenerationConfig(temperature=MIN_TEMPERATURE, top_k=0, repetition_penalty=1.0, seed=0))
     logits = np.array([1e4, -1e4, 3e4, 0.0], dtype=np.float32)
@@ -93,7 +93,7 @@ def test_smallest_temperature_samples_finite_probabilities():
 
 def test_unknown_option_is_named():
     from huatuo_lite.errors import HuatuoError
-    from huatuo_lite.family import GENERATION_DEFAULTS
+    from huatuo_lite.families.llava import GENERATION_DEFAULTS
 
     with pytest.raises(HuatuoError, match="'tempreature' is not a generation option"):
         GENERATION_DEFAULTS.with_overrides(tempreature=0.5)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_gguf import gguf_7b_f32  # noqa: F401
+from support.engines import skip_without
+skip_without('torch', 'gguf', 'llama_cpp')
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT.parent / "shared" / "wheels"

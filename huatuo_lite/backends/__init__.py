@@ -8,7 +8,7 @@ import warnings
 
 # backend name -> module that defines `open_engine(model_dir, **options)`
 BACKEND_MODULES = {
-    "torch": "huatuo_lite.backends.torch",
+    "torch": "huatuo_lite.convert.reference.engine",
     "gguf": "huatuo_lite.backends.gguf",
     "onnx": "huatuo_lite.backends.onnx",
 }

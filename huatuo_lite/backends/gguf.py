@@ -16,11 +16,11 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import HuatuoError, ModelFormatError, PromptError
-from ..family import CONTEXT_LENGTH
+from ..families.llava import CONTEXT_LENGTH
 from ..manifest import check_sizes, files_with_role, read_manifest
 from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, position_keys,
                    segments_length)
-from .gguf_native import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
+from .gguf_llama import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
 
 N_BATCH = 512
 # which text GGUF a folder holding several quants opens by default: small and good first

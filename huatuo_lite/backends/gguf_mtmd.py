@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import family
+from ..families import llava as family
 from ..errors import ModelFormatError
 
 SELF_TEST_MIN_COSINE = 0.999   # per image token; a fixed llama.cpp measures ~1 - 1e-6
@@ -102,7 +102,7 @@ def self_test_pixels(image_size: int, seed: int = SELF_TEST_SEED) -> np.ndarray:
     """A fixed random RGB image, already square at image_size, through image.py."""
     from PIL import Image
 
-    from ..image import preprocess
+    from ..image.load import preprocess
 
     rgb = np.random.default_rng(seed).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
     return preprocess([Image.fromarray(rgb, "RGB")])
@@ -116,7 +116,7 @@ def mtmd_self_test(text_gguf, mmproj, vision_onnx, threads: int = 1, model=None)
     Returns {"passed", "min_cosine", "mean_cosine", "llama_cpp_python"}."""
     import llama_cpp
 
-    from .gguf_native import load_model, quiet_llama
+    from .gguf_llama import load_model, quiet_llama
     from .vision_onnx import OnnxVisionEncoder
 
     quiet_llama()

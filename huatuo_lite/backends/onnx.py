@@ -1,5 +1,5 @@
 """The onnxruntime backend: embed.onnx + decoder.onnx with a numpy KV cache,
-vision.onnx for images (see convert/onnx_export.py for the graphs).
+vision.onnx for images (see convert/onnx/export.py for the graphs).
 
 No torch, no transformers: the tokenizer is tokenizer.json read by the
 `tokenizers` library. Sampling is not here: the shared loop

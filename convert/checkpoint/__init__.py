@@ -1,0 +1,1 @@
+"""Upstream checkpoints: read.py (names, layouts), dims.py, files.py, writer.py."""

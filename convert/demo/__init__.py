@@ -1,0 +1,1 @@
+"""The demo model's recipe: build.py, tower.py, pooling.py, package.py, card.py."""

@@ -1,0 +1,1 @@
+"""GGUF export: export.py (the folder), text.py, mmproj.py, stream.py, imatrix.py."""

@@ -1,0 +1,1 @@
+"""The synthetic medical-image question set (drawn images, fixed answers)."""

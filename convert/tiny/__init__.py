@@ -1,0 +1,1 @@
+"""Tiny random checkpoints in the upstream format, for tests and benchmarks."""

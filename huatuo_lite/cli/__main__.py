@@ -1,0 +1,4 @@
+"""`python -m huatuo_lite.cli` runs the command line."""
+from .main import main
+
+main()

@@ -1,0 +1,94 @@
+"""`huatuo-lite convert ...`: the heavy side (needs the `convert` extra).
+
+Imports of huatuo_lite.convert happen inside the commands, so `huatuo-lite ask`
+never loads torch."""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from ..errors import HuatuoError
+from ..manifest import read_manifest
+from ..llama_tools import self_test_verdict
+from ..interrupt import reporting
+
+CONVERT_EXTRA_HINT = "install the conversion tools with `pip install 'huatuo-lite[convert]'` (torch first, see README)"
+
+
+def convert_module(name: str):
+    """huatuo_lite.convert.<name>, or one sentence saying how to install it."""
+    try:
+        return importlib.import_module(f"huatuo_lite.convert.{name}")
+    except ImportError as exc:
+        raise HuatuoError(f"Converting needs {exc.name or 'extra packages'}: {CONVERT_EXTRA_HINT}.") from None
+
+
+@click.group()
+def convert():
+    """Convert upstream checkpoints to GGUF or ONNX, or make tiny test checkpoints."""
+
+
+@convert.command("tiny")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--variant", type=click.Choice(["7b", "34b", "7b-hf"]), default="7b", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def convert_tiny(out_dir, variant, seed):
+    """Write a tiny random checkpoint in the exact upstream layout (for tests and demos).
+
+    \b
+    Example:
+      huatuo-lite convert tiny ./tiny-7b --variant 7b
+    """
+    with reporting(out_dir, "config.json"):
+        path = convert_module("tiny.make").make_tiny(out_dir, variant=variant, seed=seed)
+    click.echo(str(path))
+
+
+@convert.command("gguf")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--quant", default="Q4_K_M", show_default=True,
+              type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]))
+@click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(["F16", "Q8_0"]))
+@click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
+@click.option("--imatrix", "calibration", type=click.Path(dir_okay=False, exists=True), default=None,
+              metavar="CALIB.json", help="Quantize with an importance matrix computed on these question/answer "
+              "records (PubMedVision or eval format); needs the native tools (CMakeLists.txt).")
+@click.option("--name", default=None, help="The model's name for the file names and metadata "
+              "(NAME-QUANT.gguf, mmproj-NAME-F16.gguf; default: the source folder's name).")
+def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, name):
+    """Convert an upstream folder to a GGUF text model + mmproj (+ vision.onnx).
+
+    \b
+    Example:
+      huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M
+      huatuo-lite convert gguf ./HuatuoGPT-Vision-7B ./hv7b-gguf --quant Q4_K_M --imatrix calib.json
+    """
+    with reporting(out_dir, "manifest.json"):
+        out = convert_module("gguf.export").export_gguf(src, out_dir, quant=quant, mmproj_type=mmproj_type,
+                                                         allow_pickle=allow_pickle, imatrix=calibration, name=name)
+    click.echo(self_test_verdict(read_manifest(out_dir).get("mtmd_self_test")), err=True)
+    click.echo(str(out))
+
+
+@convert.command("onnx")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--quant", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp16", "fp32"]))
+@click.option("--vision-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "int8"]))
+@click.option("--block-size", default=32, show_default=True, type=click.IntRange(16), help="int4/int8 block size.")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
+@click.option("--name", default=None, help="The model's name for the manifest and model card "
+              "(default: the source's name).")
+def convert_onnx(src, out_dir, quant, vision_quant, block_size, allow_pickle, name):
+    """Convert an upstream folder to vision/embed/decoder ONNX graphs.
+
+    \b
+    Example:
+      huatuo-lite convert onnx ./HuatuoGPT-Vision-7B ./hv7b-onnx --quant int4
+    """
+    with reporting(out_dir, "manifest.json"):
+        out = convert_module("onnx.export").export_onnx(src, out_dir, quant=quant, vision_quant=vision_quant,
+                                                        block_size=block_size, allow_pickle=allow_pickle, name=name)
+    click.echo(str(out))

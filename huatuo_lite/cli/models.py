@@ -1,0 +1,100 @@
+"""`huatuo-lite models list|pull|verify|info|rm`: the local model store."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .. import store
+from ..errors import HuatuoError
+from ..manifest import read_manifest
+from ..llama_tools import self_test_verdict
+
+
+@click.group()
+def models():
+    """Manage models in the store ($HUATUO_LITE_HOME, default ~/.cache/huatuo-lite)."""
+
+
+@models.command("list")
+def models_list():
+    """Installed models and the registry's known ones.
+
+    \b
+    Example:
+      huatuo-lite models list
+    """
+    installed = store.stored_models()
+    for name, path in installed.items():
+        try:
+            fmt = store.detect_format(path)
+        except HuatuoError:
+            fmt = "unknown"
+        click.echo(f"{name:32} installed  {fmt:9} {path}")
+    demo = store.demo_model()
+    if demo is not None and store.DEMO_NAME not in installed:
+        click.echo(f"{store.DEMO_NAME:32} bundled    {'gguf':9} {demo} (synthetic-shapes demo, not a medical model)")
+    for name, entry in store.registry().items():
+        if name not in installed:
+            click.echo(f"{name:32} available {entry['format']:9} {entry['repo']} (~{entry['size_gb']:g} GB, {entry['license']})")
+
+
+@models.command("pull")
+@click.argument("name")
+def models_pull(name):
+    """Download a registry model with huggingface-hub (resumable).
+
+    \b
+    Example:
+      huatuo-lite models pull huatuogpt-vision-7b
+    """
+    click.echo(str(store.pull(name)))
+
+
+@models.command("verify")
+@click.argument("model")
+def models_verify(model):
+    """Check every file of a converted model against its manifest's sha256.
+
+    \b
+    Example:
+      huatuo-lite models verify ./hv7b-gguf
+    """
+    folder = store.resolve(model)
+    bad = store.verify(folder)
+    if bad:
+        raise HuatuoError(f"{len(bad)} file(s) of {folder} differ from the manifest ({', '.join(bad)}); download or convert again.")
+    click.echo(f"{folder}: all files match the manifest.")
+
+
+@models.command("info")
+@click.argument("model")
+def models_info(model):
+    """Show what a model folder holds (format, backend, files, dimensions).
+
+    \b
+    Example:
+      huatuo-lite models info ./hv7b-gguf
+    """
+    folder = store.resolve(model)
+    info = store.describe(folder)
+    if info["format"] == "gguf":   # whether stock llama.cpp's image path is right for it
+        info["image_path_self_test"] = self_test_verdict(read_manifest(folder).get("mtmd_self_test"))
+    click.echo(json.dumps(info, indent=2))
+
+
+@models.command("rm")
+@click.argument("name")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def models_rm(name, yes):
+    """Delete a model from the store.
+
+    \b
+    Example:
+      huatuo-lite models rm huatuogpt-vision-7b --yes
+    """
+    if not yes:
+        click.confirm(f"Delete {name} from {store.home() / 'models'}?", abort=True)
+    linked = (store.home() / "models" / name).is_symlink()
+    removed = store.remove(name)
+    click.echo(f"removed the link {removed} (the folder it pointed to was kept)" if linked else f"removed {removed}")

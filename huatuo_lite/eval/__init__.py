@@ -1,0 +1,2 @@
+"""Evaluation: run.py (multiple-choice eval), report.py, fidelity.py (formats against
+the reference)."""

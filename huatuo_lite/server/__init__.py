@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server, one way down: run.py -> app.py -> policy.py."""
