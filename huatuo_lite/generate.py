@@ -1,6 +1,6 @@
 """The generation loop shared by every backend.
 
-image sources + question (+ history) -> image.py + prompt.py -> engine.encode_images
+image sources + question (+ history) -> image/load.py + prompt.py -> engine.encode_images
 -> engine.prefill -> Sampler / engine.step ... -> streamed text and an Answer.
 """
 from __future__ import annotations

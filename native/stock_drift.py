@@ -5,7 +5,7 @@
 For every eval item (upstream eval format): the answer of the GGUF backend, of the
 built llama-mtmd-cli (LLaVA class-token fix applied) and of the same tool with
 llama-cpp-python's stock libmtmd (huatuo_lite.llama_tools.stock_mtmd_dir), all greedy on
-the same 336x336 pixels (image.py's preprocessing saved as PNG, so libmtmd's own
+the same 336x336 pixels (image/load.py's preprocessing saved as PNG, so libmtmd's own
 resize/pad is the identity). Prints accuracy per engine and agreement with ours.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def preprocessed_png(image: str, out: Path) -> Path:
-    """image.py's 336x336 pixels of `image`, as the exact uint8 PNG they came from."""
+    """image/load.py's 336x336 pixels of `image`, as the exact uint8 PNG they came from."""
     from PIL import Image
 
     from huatuo_lite.backends.gguf_mtmd import pixels_to_rgb8

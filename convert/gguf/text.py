@@ -71,7 +71,7 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def chat_template() -> str:
     """Upstream's prompt as Jinja (llama.cpp's own engine, llama-cpp-python's jinja2), built
-    from family.py. A user turn: USER_TAG + (IMAGE_LINE per image + text, stripped) + newline
+    from families/llava.py. A user turn: USER_TAG + (IMAGE_LINE per image + text, stripped) + newline
     + ASSISTANT_TAG; an earlier answer: its text + ANSWER_SUFFIX (as prompt.render).
 
     Content comes as a string or as OpenAI/HF-style parts, and images arrive three ways: an

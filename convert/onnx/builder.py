@@ -3,7 +3,7 @@
 The graph is built from the config alone: every weight is a `Slot` (which
 checkpoint tensor, how it is stored) that onnx_stream fills from the checkpoint
 one tensor at a time, so the model is never materialised. Same inputs, outputs
-and math as onnx_text's torch module (transformers' Qwen2/Llama):
+and math as tests/support/torch_decoder.py's torch module (transformers' Qwen2/Llama):
 
   decoder  inputs_embeds [B, L, H] f32, attention_mask [B, S] i64 (S = P + L),
            position_ids [B, L] i64, past_key_values.{i}.key/value [B, kvh, P, hd] f32

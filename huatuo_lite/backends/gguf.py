@@ -4,7 +4,7 @@ Text runs in llama.cpp through the low-level batch API (our own batches, one KV
 cache). Image features come from vision.onnx on onnxruntime and are fed to
 llama.cpp as embeddings, because libmtmd's LLaVA graph is wrong in the vendored
 llama.cpp (see gguf_mtmd.py); libmtmd is used only when the folder's manifest
-records a passed self-test. Images always arrive preprocessed by image.py.
+records a passed self-test. Images always arrive preprocessed by image/load.py.
 """
 from __future__ import annotations
 

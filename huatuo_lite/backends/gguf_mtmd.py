@@ -7,7 +7,7 @@ GGUF backend computes image features with vision.onnx; `mtmd_self_test` compares
 the two at conversion time and records the verdict in the manifest, so a fixed
 llama.cpp is picked up by itself.
 
-libmtmd is only ever given pixels that image.py already padded and resized
+libmtmd is only ever given pixels that image/load.py already padded and resized
 (336x336, turned back into the exact uint8 RGB they came from), so its own
 resize/pad never runs.
 """
@@ -26,7 +26,7 @@ SELF_TEST_SEED = 0
 
 
 def pixels_to_rgb8(pixel_values: np.ndarray) -> np.ndarray:
-    """Undo image.py's normalization: [N,3,S,S] float32 -> [N,S,S,3] uint8 (exact: the
+    """Undo image/load.py's normalization: [N,3,S,S] float32 -> [N,S,S,3] uint8 (exact: the
     values came from uint8 through x/255, -mean, /std)."""
     mean = np.asarray(family.IMAGE_MEAN, np.float64).reshape(1, 3, 1, 1)
     std = np.asarray(family.IMAGE_STD, np.float64).reshape(1, 3, 1, 1)
@@ -99,7 +99,7 @@ def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def self_test_pixels(image_size: int, seed: int = SELF_TEST_SEED) -> np.ndarray:
-    """A fixed random RGB image, already square at image_size, through image.py."""
+    """A fixed random RGB image, already square at image_size, through image/load.py."""
     from PIL import Image
 
     from ..image.load import preprocess

@@ -4,7 +4,7 @@
     summary = run_batch("pubmedvision.json", "./hv7b-gguf", "out.jsonl", ray_address="auto")
 
 Workers (each with its own model) run in this process (1 worker), in a local
-process pool (N), or as Ray Data actors (batch_ray.py). Whatever runs them,
+process pool (N), or as Ray Data actors (batch/ray.py). Whatever runs them,
 rows reach the results file here, one JSON line per record, appended and
 flushed as soon as every earlier record is written, so the file is always
 in record order and a killed run loses at most the lines in flight. A rerun

@@ -28,7 +28,7 @@ MODEL_OPTIONS = (
                  help="onnxruntime execution provider: cpu, cuda, coreml (ONNX)."),
 )
 
-# The types check values with GenerationConfig's own rules (cli_types.py): nan, -1 -> exit 2.
+# The types check values with GenerationConfig's own rules (cli/types.py): nan, -1 -> exit 2.
 SAMPLING_OPTIONS = (
     click.option("--temperature", type=TEMPERATURE, help="0 = greedy. Upstream default 0.2."),
     click.option("--top-p", type=TOP_P, help="Nucleus sampling mass, 0 to 1 (default 1.0 = off)."),

@@ -4,7 +4,7 @@
 
 One model, one process: requests queue on the model's lock (an engine holds
 one KV cache), generation runs in worker threads so the event loop keeps
-answering. The routes live in server_app.py; this module holds the policy
+answering. The routes live in server/app.py; this module holds the policy
 (limits, which local image paths may be read, the API key) and the OpenAI-style
 error bodies, so both can be read and tested without a web stack.
 """

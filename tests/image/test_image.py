@@ -1,4 +1,4 @@
-"""image.py against upstream: PIL convert('RGB') + LLaVA expand2square + CLIPImageProcessor.
+"""image/load.py against upstream: PIL convert('RGB') + LLaVA expand2square + CLIPImageProcessor.
 
 The upstream side is re-implemented here from HuatuoGPT-Vision's cli.py
 (`Image.open(p).convert('RGB')`, its local expand2square, then

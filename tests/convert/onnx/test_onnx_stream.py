@@ -1,7 +1,7 @@
 """The streamed export (onnx_stream + onnx_builder + onnx_vision_stream, what the
 CLI uses) against the routes it replaces: onnxruntime's graph quantizer run on
 the whole fp32 graph (quantize_onnx), and torch modules exported by torch.onnx
-(onnx_text, onnx_vision)."""
+(tests/support/torch_decoder.py, convert/onnx/vision.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +49,7 @@ def test_streamed_quantization_is_the_graph_quantizers(quant_fixture, options, o
 
 def test_streamed_decoder_equals_torch_module_export(tiny_34b, onnx_34b, tmp_path):
     """llama/Yi (no q/k/v bias, SentencePiece, forced external data): the
-    hand-built graph and onnx_text's torch module exported by TorchScript agree."""
+    hand-built graph and torch_decoder.py's torch module exported by TorchScript agree."""
     from huatuo_lite.backends.vision_onnx import make_session
     from huatuo_lite.convert.checkpoint.read import open_checkpoint
     from support.torch_decoder import decoder_example, export_decoder
