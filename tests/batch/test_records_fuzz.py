@@ -19,8 +19,8 @@ from huatuo_lite.errors import HuatuoError
 from huatuo_lite.manifest import MANIFEST_NAME, check_sizes, files_with_role, read_manifest
 
 LONG = os.environ.get("HUATUO_LITE_LONG") == "1"          # set by `pytest --long`
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-SLOW = settings(max_examples=3000 if LONG else 60, deadline=None,
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SLOW = settings(max_examples=3000 if LONG else 200, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(

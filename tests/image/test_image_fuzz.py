@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 LONG = os.environ.get("HUATUO_LITE_LONG") == "1"          # set by `pytest --long`
-FAST_EXAMPLES, LONG_EXAMPLES = 100, 3000
+FAST_EXAMPLES, LONG_EXAMPLES = 300, 3000
 TEST_LIMIT = 2_000_000          # pixels per image while fuzzing
 RSS_GROWTH_LIMIT_MB = 600       # a decoded absurd header would take gigabytes
 

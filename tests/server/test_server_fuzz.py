@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "demo" / "gguf"
 EXAMPLE = ROOT / "models" / "examples" / "chest_xray.png"
 LONG = os.environ.get("HUATUO_LITE_LONG") == "1"          # set by `pytest --long`
-FAST = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 LONG_RUN = settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-HTTP_FAST = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+HTTP_FAST = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 HTTP_LONG = settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 # ------------------------------------------------------------ strategies ----
