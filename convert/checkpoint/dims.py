@@ -3,7 +3,8 @@
 Shapes win where they can decide (hidden widths, layer counts, vocabulary rows,
 biases); the config supplies what shapes cannot tell (head counts, rope base,
 eps, token ids). Config keys missing from a terse -hf `text_config` fall back to
-transformers' defaults for that model type, as transformers itself would.
+transformers' defaults for that model type, as transformers itself would
+(families/text.py: TextArch.missing_key_defaults).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.families.llava import VISION_SELECT_LAYER
+from huatuo_lite.families.text import TEXT_ARCHS
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -21,13 +23,6 @@ VIT_CONFIG = "vit/clip_vit_large_patch14_336/config.json"   # mm_vision_tower up
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)
 HF_PROJECTOR_KINDS = {"gelu": "mlp2x_gelu"}                 # projector_hidden_act -> kind
 
-# transformers' Qwen2Config / LlamaConfig defaults, for keys a config leaves out.
-TEXT_DEFAULTS = {
-    "qwen2": {"num_attention_heads": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-              "max_position_embeddings": 32768, "tie_word_embeddings": False},
-    "llama": {"num_attention_heads": 32, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
-              "max_position_embeddings": 2048, "tie_word_embeddings": False},
-}
 # CLIP ViT-L/14 defaults for what the embedded tensors cannot tell.
 CLIP_HEAD_DIM = 64
 CLIP_DEFAULTS = {"layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
@@ -35,7 +30,7 @@ CLIP_DEFAULTS = {"layer_norm_eps": 1e-5, "hidden_act": "quick_gelu"}
 
 @dataclass(frozen=True)
 class TextConfig:
-    arch: str                  # "qwen2" or "llama"
+    arch: str                  # a families.text.TEXT_ARCHS key
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -93,7 +88,7 @@ def _need(shapes: dict, name: str, root) -> tuple:
 
 def text_config(arch: str, cfg: dict, shapes: dict, root) -> TextConfig:
     """cfg: the text part of config.json (the whole file for llava layouts)."""
-    get = {**TEXT_DEFAULTS[arch], **cfg}.get
+    get = {**TEXT_ARCHS[arch].missing_key_defaults, **cfg}.get
     rows, hidden = _need(shapes, "model.embed_tokens.weight", root)
     heads = int(get("num_attention_heads"))
     head_dim = int(get("head_dim") or hidden // heads)

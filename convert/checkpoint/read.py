@@ -34,6 +34,7 @@ from typing import Iterator
 
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.families.llava import VARIANT_BY_ARCHITECTURE, VARIANTS
+from huatuo_lite.families.text import HF_DEFAULT_TEXT_TYPE, TEXT_ARCHS
 
 from .dims import (HF_PROJECTOR_KINDS, PROJECTOR_PREFIX, VISION_PREFIX, ProjectorConfig,
                               TextConfig, VisionConfig, check_widths, projector_config,
@@ -63,8 +64,6 @@ STORED_LAYOUTS = {
     "language_model.model.embed_tokens.weight": ("hf", HF_OLD_PREFIXES),
     "model.language_model.embed_tokens.weight": ("hf", HF_NEW_PREFIXES),
 }
-HF_TEXT_ARCH = {"qwen2": "qwen2", "llama": "llama"}   # text_config.model_type -> TextConfig.arch
-HF_DEFAULT_TEXT_TYPE = "llama"                        # LlavaConfig's default text_config
 VARIANT_BY_MODEL_TYPE = {v.model_type: v for v in VARIANTS.values()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # Non-persistent buffers that older transformers versions saved: not weights.
@@ -180,10 +179,10 @@ def _text_part(variant, config: dict, root: Path) -> tuple:
         return variant.text_arch, config
     text = config.get("text_config") or {}
     model_type = text.get("model_type", HF_DEFAULT_TEXT_TYPE)
-    if model_type not in HF_TEXT_ARCH:
+    if model_type not in TEXT_ARCHS:     # text_config.model_type is TextArch.name
         raise ModelFormatError(f"{root}/config.json has a {model_type!r} text model; only "
-                               f"{', '.join(HF_TEXT_ARCH)} are supported.")
-    return HF_TEXT_ARCH[model_type], text
+                               f"{', '.join(TEXT_ARCHS)} are supported.")
+    return TEXT_ARCHS[model_type].name, text
 
 
 def _vision_part(variant, config: dict, root: Path) -> tuple:

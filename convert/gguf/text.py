@@ -1,7 +1,8 @@
 """The text model as a llama.cpp GGUF: hyper-parameters, tensor names, tokenizer.
 
-7B (Qwen2) -> arch `qwen2`; 34B (Yi) -> arch `llama`. Names come from the gguf
-package's own table (gguf.TENSOR_NAMES); llama's rope is the interleaved kind,
+7B (Qwen2) -> arch `qwen2`; 34B (Yi) -> arch `llama` (the arch, its rope kind and its
+vocabulary kind per text architecture: huatuo_lite/families/text.py). Names come from
+the gguf package's own table (gguf.TENSOR_NAMES); llama's rope is the interleaved kind,
 so its q/k rows are permuted like convert_hf_to_gguf's LlamaModel.permute.
 """
 from __future__ import annotations
@@ -16,12 +17,13 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, TENSOR_NAMES, GGUFW
 
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.families.llava import ANSWER_SUFFIX, ASSISTANT_TAG, IMAGE_LINE, IMAGE_PLACEHOLDER, USER_TAG
+from huatuo_lite.families.text import TEXT_ARCHS
 from huatuo_lite.llama_tools import MTMD_MARKER  # noqa: F401 - re-exported: the template's marker
 
 from ..model_meta import add_general
 from .stream import PlannedTensor, iter_mapped, weight_qtype, write_streaming_gguf
 
-TEXT_ARCH = {"qwen2": MODEL_ARCH.QWEN2, "llama": MODEL_ARCH.LLAMA}
+TEXT_ARCH = {a.name: MODEL_ARCH[a.gguf_arch] for a in TEXT_ARCHS.values()}   # TextConfig.arch -> GGUF arch
 
 # canonical name (outside the layers) -> GGUF tensor
 GLOBAL_TENSORS = {
@@ -44,11 +46,10 @@ LAYER_TENSORS = {
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"(model\.embed_tokens|model\.norm|lm_head)\.(weight|bias)$")
 
-# which heads count to permute q/k with, per arch (HF rotate_half -> ggml rope)
-PERMUTED_HEADS = {
-    "qwen2": {},   # NEOX rope in llama.cpp: HF layout as is
-    "llama": {MODEL_TENSOR.ATTN_Q: "num_heads", MODEL_TENSOR.ATTN_K: "num_kv_heads"},
-}
+# which heads count to permute q/k with when the arch's llama.cpp rope is the interleaved
+# kind (HF rotate_half -> ggml rope); NEOX rope (qwen2) takes the HF layout as is
+QK_HEADS = {MODEL_TENSOR.ATTN_Q: "num_heads", MODEL_TENSOR.ATTN_K: "num_kv_heads"}
+PERMUTED_HEADS = {a.name: QK_HEADS if a.permute_qk else {} for a in TEXT_ARCHS.values()}
 
 
 def gguf_name(canonical: str) -> tuple[str, MODEL_TENSOR] | None:
@@ -159,7 +160,7 @@ def _bpe_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
     for token_id, (content, special) in added.items():
         by_id[token_id] = (content, TokenType.CONTROL if special else TokenType.USER_DEFINED)
     tokens, types = _fill_rows(by_id, n_rows)
-    return {"model": "gpt2", "pre": "qwen2", "tokens": tokens, "types": types, "merges": merges}
+    return {"tokens": tokens, "types": types, "merges": merges}
 
 
 def _bpe_files(tokenizer_dir: Path) -> tuple[dict, list, dict]:
@@ -201,7 +202,7 @@ def _spm_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
         by_id[int(i)] = (entry["content"], kind)
         scores.setdefault(int(i), -1000.0)
     tokens, types = _fill_rows(by_id, n_rows)
-    return {"model": "llama", "pre": "default", "tokens": tokens, "types": types,
+    return {"tokens": tokens, "types": types,
             "scores": [scores.get(i, -1000.0) for i in range(n_rows)],
             "add_space_prefix": transformers_adds_space_prefix(tokenizer_dir)}
 
@@ -230,14 +231,16 @@ def _fill_rows(by_id: dict, n_rows: int) -> tuple[list, list]:
     return [t for t, _ in tokens], [int(k) for _, k in tokens]
 
 
-VOCAB_READERS = {"qwen2": _bpe_vocab, "llama": _spm_vocab}
+READERS_BY_KIND = {"bpe": _bpe_vocab, "spm": _spm_vocab}   # TextArch.vocab -> reader
+VOCAB_READERS = {a.name: READERS_BY_KIND[a.vocab] for a in TEXT_ARCHS.values()}   # TextConfig.arch -> reader
 
 
 def add_tokenizer(w: GGUFWriter, ckpt) -> None:
     text = ckpt.text
+    arch = TEXT_ARCHS[text.arch]
     vocab = VOCAB_READERS[text.arch](Path(ckpt.tokenizer_dir), text.vocab_size)
-    w.add_tokenizer_model(vocab["model"])
-    w.add_tokenizer_pre(vocab["pre"])
+    w.add_tokenizer_model(arch.gguf_tokenizer)
+    w.add_tokenizer_pre(arch.gguf_pre)
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
     if "scores" in vocab:

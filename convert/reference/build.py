@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from huatuo_lite.errors import HuatuoError, ModelFormatError
+from huatuo_lite.families.text import TEXT_ARCHS
 
 # User-facing dtype names -> torch dtypes. float32 is the reference.
 DTYPES = {
@@ -56,8 +57,9 @@ def hf_name(canonical: str) -> str:
 
 
 def _text_config(text):
-    """TextConfig -> Qwen2Config or LlamaConfig (Yi). Both read rope_theta at top level."""
-    from transformers import LlamaConfig, Qwen2Config
+    """TextConfig -> Qwen2Config or LlamaConfig (Yi): the class and its constant kwargs are
+    TextArch.config_class / reference_kwargs. Both read rope_theta at top level."""
+    import transformers
 
     common = dict(
         hidden_size=text.hidden_size,
@@ -77,17 +79,14 @@ def _text_config(text):
         eos_token_id=text.eos_token_id,
         pad_token_id=text.pad_token_id,
     )
-    # Qwen2 always has q/k/v bias and no o bias; Llama takes a flag (Yi: no bias).
-    builders = {
-        "qwen2": lambda: Qwen2Config(use_sliding_window=False, **common),
-        "llama": lambda: LlamaConfig(attention_bias=text.attention_bias, mlp_bias=False, **common),
-    }
-    try:
-        return builders[text.arch]()
-    except KeyError:
+    arch = TEXT_ARCHS.get(text.arch)
+    if arch is None:
         raise ModelFormatError(
-            f"The text model architecture {text.arch!r} is not supported: expected one of {', '.join(builders)}."
-        ) from None
+            f"The text model architecture {text.arch!r} is not supported: expected one of {', '.join(TEXT_ARCHS)}."
+        )
+    # Qwen2 always has q/k/v bias and no o bias; Llama takes a flag (Yi: no bias).
+    bias = {arch.reference_bias_kwarg: text.attention_bias} if arch.reference_bias_kwarg else {}
+    return getattr(transformers, arch.config_class)(**arch.reference_kwargs, **bias, **common)
 
 
 def _vision_config(vision):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from huatuo_lite.families.llava import (CONTEXT_LENGTH, IMAGE_MEAN, IMAGE_SIZE, IMAGE_STD, RESCALE,
                                 VARIANTS, VISION_SELECT_LAYER)
+from huatuo_lite.families.text import TEXT_ARCHS
 
 VIT_SUBDIR = "vit/clip_vit_large_patch14_336"
 LLAVA_TRANSFORMERS_VERSION = "4.40.0"
@@ -20,22 +21,18 @@ CLIP_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads":
              "num_hidden_layers": 1, "vocab_size": 1024, "max_position_embeddings": 77}
 CLIP_PROJECTION_DIM = 64    # 768 for CLIP-L; only the unused text/vision projections see it
 
-# The LLM part of each upstream config, minus sizes and token ids.
-_QWEN2_TEXT = {"attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
-               "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
-               "sliding_window": 131072, "tie_word_embeddings": False, "use_cache": True,
-               "use_sliding_window": False}
-_YI_TEXT = {"attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu",
-            "initializer_range": 0.02, "max_position_embeddings": 4096, "pretraining_tp": 1,
-            "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 5000000.0,
-            "tie_word_embeddings": False, "use_cache": True}
-TEXT_DEFAULTS = {"qwen2": _QWEN2_TEXT, "llama": _YI_TEXT}
-
 
 def _text_sizes(s, rows: int) -> dict:
     return {"hidden_size": s.hidden_size, "intermediate_size": s.intermediate_size,
             "num_attention_heads": s.num_heads, "num_hidden_layers": s.num_layers,
             "num_key_value_heads": s.num_kv_heads, "vocab_size": rows}
+
+
+def _upstream_text(arch_name: str, s, rows: int) -> dict:
+    """The LLM part of upstream's config (families/text.py TextArch.upstream_config), tiny sizes."""
+    arch = TEXT_ARCHS[arch_name]
+    layers = {key: s.num_layers for key in arch.upstream_layer_keys}
+    return {**arch.upstream_config, **_text_sizes(s, rows), **layers}
 
 
 def _ids(bos, eos, pad) -> dict:
@@ -55,9 +52,8 @@ def _mm_keys(s) -> dict:
 def llava_config(variant: str, s, rows: int, bos, eos, pad) -> dict:
     """config.json of HuatuoGPT-Vision-7B ("7b") or -34B ("34b")."""
     v = VARIANTS[variant]
-    extra = {"max_window_layers": s.num_layers} if v.text_arch == "qwen2" else {}
     config = {"architectures": [v.architecture], "model_type": v.model_type,
-              **TEXT_DEFAULTS[v.text_arch], **_text_sizes(s, rows), **extra,
+              **_upstream_text(v.text_arch, s, rows),
               **_ids(bos, eos, pad), **_mm_keys(s),
               "torch_dtype": "bfloat16", "transformers_version": LLAVA_TRANSFORMERS_VERSION}
     return dict(sorted(config.items()))
@@ -76,9 +72,9 @@ def _vision_config(s, projection_dim: int) -> dict:
 def hf_config(s, rows: int, bos, eos, image_token_id: int) -> dict:
     """config.json of HuatuoGPT-Vision-7B-hf (LlavaForConditionalGeneration, 2024 layout)."""
     v = VARIANTS["7b-hf"]
-    text = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_QWEN2_TEXT,
-            **_text_sizes(s, rows), "max_window_layers": s.num_layers, **_ids(bos, eos, None),
-            "torch_dtype": "bfloat16"}
+    arch = TEXT_ARCHS[v.text_arch]
+    text = {"architectures": [arch.hf_architecture], "model_type": arch.name,
+            **_upstream_text(arch.name, s, rows), **_ids(bos, eos, None), "torch_dtype": "bfloat16"}
     return {"architectures": [v.architecture], "ignore_index": -100,
             "image_seq_length": (s.image_size // s.patch_size) ** 2,
             "image_token_index": image_token_id, "model_type": v.model_type,

@@ -96,7 +96,7 @@ def _build_7b(root: Path, sizes: TinySizes, seed: int) -> None:
     eos = tok.special_ids["<|endoftext|>"]
     rows = _rows(sizes, tok.size, embedding_rows(tok.size))
     _write_config(root, llava_config("7b", sizes, rows, bos=eos, eos=eos, pad=None))
-    _write_canonical(root, sizes, "qwen2", rows, seed)
+    _write_canonical(root, sizes, VARIANTS["7b"].text_arch, rows, seed)
     _write_vit(root, sizes, seed)
 
 
@@ -107,7 +107,7 @@ def _build_34b(root: Path, sizes: TinySizes, seed: int) -> None:
     rows = _rows(sizes, tok.size, tok.size)
     _write_config(root, llava_config("34b", sizes, rows, bos=ids["<|startoftext|>"],
                                      eos=ids["<|endoftext|>"], pad=ids["<unk>"]))
-    _write_canonical(root, sizes, "llama", rows, seed)
+    _write_canonical(root, sizes, VARIANTS["34b"].text_arch, rows, seed)
     _write_vit(root, sizes, seed)
 
 
@@ -121,7 +121,7 @@ def _build_7b_hf(root: Path, sizes: TinySizes, seed: int) -> None:
         raise HuatuoError(f"The <image> token id {image_id} does not fit {rows} embedding rows.")
     _write_config(root, hf_config(sizes, rows, bos=eos, eos=eos, image_token_id=image_id))
     _write_json(root / "preprocessor_config.json", preprocessor_config(sizes.image_size))
-    _write_canonical(root, sizes, "qwen2", rows, seed, rename=to_hf_name)
+    _write_canonical(root, sizes, VARIANTS["7b-hf"].text_arch, rows, seed, rename=to_hf_name)
 
 
 VARIANT_BUILDERS = {"7b": _build_7b, "34b": _build_34b, "7b-hf": _build_7b_hf}

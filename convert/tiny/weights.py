@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from huatuo_lite.families.text import TEXT_ARCHS
+
 from ..checkpoint.read import PROJECTOR_PREFIX, VISION_PREFIX
 
 STD = 0.02
@@ -51,7 +53,7 @@ def _text_spec(s, arch: str, rows: int) -> list:
     """Qwen2 / Llama decoder: [V, H] embeddings, per-layer attention (GQA) and SwiGLU."""
     h, head_dim = s.hidden_size, s.hidden_size // s.num_heads
     kv = s.num_kv_heads * head_dim
-    qkv_bias = arch == "qwen2"
+    qkv_bias = TEXT_ARCHS[arch].qkv_bias
     spec = [("model.embed_tokens.weight", (rows, h), "w")]
     for i in range(s.num_layers):
         p = f"model.layers.{i}."

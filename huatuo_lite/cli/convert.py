@@ -9,6 +9,7 @@ import importlib
 import click
 
 from ..errors import HuatuoError
+from ..families.llava import VARIANTS
 from ..manifest import read_manifest
 from ..llama_tools import self_test_verdict
 from ..interrupt import reporting
@@ -31,7 +32,7 @@ def convert():
 
 @convert.command("tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--variant", type=click.Choice(["7b", "34b", "7b-hf"]), default="7b", show_default=True)
+@click.option("--variant", type=click.Choice(list(VARIANTS)), default="7b", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def convert_tiny(out_dir, variant, seed):
     """Write a tiny random checkpoint in the exact upstream layout (for tests and demos).

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
 
 from ..errors import HuatuoError
+from .text import LLAMA, QWEN2
 
 # ---------------------------------------------------------------- prompt ----
 # Upstream renders a turn as "<|user|>\n{images}{question}\n<|assistant|>\n" in
@@ -124,7 +125,7 @@ class Variant:
     name: str                 # our short name: "7b", "34b", "7b-hf"
     architecture: str         # config.json "architectures"[0]
     model_type: str           # config.json "model_type"
-    text_arch: str            # llama.cpp / transformers text architecture
+    text_arch: str            # its LLM's architecture: a key of families.text.TEXT_ARCHS
     hub_repo: str             # upstream repository on the hub
     layout: str               # "llava" (model.mm_projector...) or "hf" (multi_modal_projector...)
     notes: str = ""
@@ -134,11 +135,11 @@ class Variant:
 VARIANTS = {
     v.name: v
     for v in (
-        Variant("7b", "LlavaQwen2ForCausalLM", "llava_qwen2", "qwen2",
+        Variant("7b", "LlavaQwen2ForCausalLM", "llava_qwen2", QWEN2.name,
                 "FreedomIntelligence/HuatuoGPT-Vision-7B", "llava"),
-        Variant("34b", "LlavaLlamaForCausalLM", "llava_llama", "llama",
+        Variant("34b", "LlavaLlamaForCausalLM", "llava_llama", LLAMA.name,
                 "FreedomIntelligence/HuatuoGPT-Vision-34B", "llava"),
-        Variant("7b-hf", "LlavaForConditionalGeneration", "llava", "qwen2",
+        Variant("7b-hf", "LlavaForConditionalGeneration", "llava", QWEN2.name,
                 "FreedomIntelligence/HuatuoGPT-Vision-7B-hf", "hf",
                 hub_aliases=("FreedomIntelligence/HuatuoGPT-Vision-34B-hf",)),
     )
