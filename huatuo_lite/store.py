@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelFormatError
-
-# manifest "format" (or "upstream" for a checkpoint) -> the backend that runs it
-FORMAT_BACKEND = {"gguf": "gguf", "onnx": "onnx", "upstream": "torch"}
+from .formats import FORMAT_BACKEND   # manifest "format" (or "upstream" for a checkpoint) -> its backend
 DEFAULT_HOME = Path("~/.cache/huatuo-lite")
 
 

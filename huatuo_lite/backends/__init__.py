@@ -6,12 +6,9 @@ import importlib
 import os
 import warnings
 
-# backend name -> module that defines `open_engine(model_dir, **options)`
-BACKEND_MODULES = {
-    "torch": "huatuo_lite.convert.reference.engine",
-    "gguf": "huatuo_lite.backends.gguf",
-    "onnx": "huatuo_lite.backends.onnx",
-}
+# backend name -> module that defines `open_engine(model_dir, **options)`, from the
+# formats registry (the same dict object, so tests can add a fake backend to it)
+from ..formats import BACKEND_MODULES
 
 
 def load_backend(name: str):

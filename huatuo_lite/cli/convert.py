@@ -9,6 +9,7 @@ import importlib
 import click
 
 from ..errors import HuatuoError
+from ..formats import GGUF, ONNX
 from ..families.llava import VARIANTS
 from ..manifest import read_manifest
 from ..llama_tools import self_test_verdict
@@ -49,9 +50,9 @@ def convert_tiny(out_dir, variant, seed):
 @convert.command("gguf")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--quant", default="Q4_K_M", show_default=True,
-              type=click.Choice(["F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]))
-@click.option("--mmproj-type", default="F16", show_default=True, type=click.Choice(["F16", "Q8_0"]))
+@click.option("--quant", default=GGUF.default_quant, show_default=True, type=click.Choice(GGUF.quants))
+@click.option("--mmproj-type", default=GGUF.default_side_quant, show_default=True,
+              type=click.Choice(GGUF.side_quants))
 @click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
 @click.option("--imatrix", "calibration", type=click.Path(dir_okay=False, exists=True), default=None,
               metavar="CALIB.json", help="Quantize with an importance matrix computed on these question/answer "
@@ -76,8 +77,9 @@ def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, na
 @convert.command("onnx")
 @click.argument("src", type=click.Path(file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--quant", default="int4", show_default=True, type=click.Choice(["int4", "int8", "fp16", "fp32"]))
-@click.option("--vision-quant", default="fp32", show_default=True, type=click.Choice(["fp32", "int8"]))
+@click.option("--quant", default=ONNX.default_quant, show_default=True, type=click.Choice(ONNX.quants))
+@click.option("--vision-quant", default=ONNX.default_side_quant, show_default=True,
+              type=click.Choice(ONNX.side_quants))
 @click.option("--block-size", default=32, show_default=True, type=click.IntRange(16), help="int4/int8 block size.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
 @click.option("--name", default=None, help="The model's name for the manifest and model card "

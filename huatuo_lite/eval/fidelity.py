@@ -33,6 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import HuatuoError
+from ..formats import FORMATS, MANIFEST_QUANTS, QUANT_OPTIONS, SPEC_BACKEND
 from .report import write_text
 from .run import log_softmax, run_eval
 from ..families.llava import GenerationConfig
@@ -41,9 +42,10 @@ from .fidelity_chart import write_chart
 EVAL_SET = Path("eval") / "eval.json"      # an upstream checkpoint's own eval set, if any
 FIDELITY_CARD = "FIDELITY.md"
 FIDELITY_JSON = "fidelity.json"
-SPEC_BACKEND = {"reference": "torch", "gguf": "gguf", "onnx": "onnx"}
-# backend -> load options that pick a quant inside a folder (ONNX folders hold one)
-QUANT_OPTIONS = {"torch": lambda quant: {}, "gguf": lambda quant: {"quant": quant}, "onnx": lambda quant: {}}
+REFERENCE = FORMATS["upstream"]      # the `reference` spec: the torch run on --model
+SPEC_FORMS = ", ".join(f.spec + (":QUANT" if f.quants else "") for f in FORMATS.values())   # for errors
+# SPEC_BACKEND (spec prefix -> backend), QUANT_OPTIONS (backend -> load options that pick
+# a quant inside a folder; ONNX folders hold one) and MANIFEST_QUANTS come from formats.py
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,8 @@ class Spec:
 
 
 # ----------------------------------------------------------------- specs ----
-# format -> the quants a manifest says its *language model* is stored in (a GGUF
-# folder's mmproj or an ONNX folder's vision graph may carry another quant)
-MANIFEST_QUANTS = {
-    "gguf": lambda m: {str(e.get("quant")).upper() for e in m.get("files", {}).values()
-                       if e.get("role") == "text" and e.get("quant")},
-    "onnx": lambda m: {str(m.get("onnx", {}).get("quant")).upper()} if m.get("onnx", {}).get("quant") else set(),
-}
+# MANIFEST_QUANTS: format -> the quants a manifest says its *language model* is stored
+# in (a GGUF folder's mmproj or an ONNX folder's vision graph may carry another quant)
 
 
 def _manifest_quants(folder: Path) -> tuple[str | None, set]:
@@ -99,13 +96,13 @@ def find_folder(root: Path, fmt: str, quant: str) -> Path:
 def parse_spec(text: str, model: Path, root: Path) -> Spec:
     name, _, explicit = text.strip().partition("=")
     fmt, _, quant = name.partition(":")
-    if fmt not in SPEC_BACKEND or (fmt == "reference") == bool(quant):
-        raise HuatuoError(f"Unknown compare spec {text!r}: use reference, gguf:QUANT, onnx:QUANT, "
+    if fmt not in SPEC_BACKEND or (fmt == REFERENCE.spec) == bool(quant):
+        raise HuatuoError(f"Unknown compare spec {text!r}: use {SPEC_FORMS}, "
                           "optionally =PATH (e.g. gguf:Q4_K_M=./out).")
     if explicit:
         path = Path(explicit).expanduser()
     else:
-        path = model if fmt == "reference" else find_folder(root, fmt, quant)
+        path = model if fmt == REFERENCE.spec else find_folder(root, fmt, quant)
     return Spec(name, SPEC_BACKEND[fmt], quant or None, path)
 
 
@@ -114,7 +111,7 @@ def parse_specs(text: str, model, compare_root=None) -> list[Spec]:
     model = Path(model).expanduser()
     root = Path(compare_root).expanduser() if compare_root else model.absolute().parent
     specs = [parse_spec(part, model, root) for part in text.split(",") if part.strip()]
-    references = [s for s in specs if s.backend == "torch" and s.name == "reference"]
+    references = [s for s in specs if s.backend == REFERENCE.backend and s.name == REFERENCE.spec]
     if len(references) != 1:
         raise HuatuoError("--compare needs the spec `reference` exactly once (the torch run on --model).")
     if len({s.name for s in specs}) != len(specs):
@@ -242,6 +239,7 @@ def card_after_convert(src_dir, out_dir, fmt: str, quant: str, limit: int | None
     data = Path(src_dir) / EVAL_SET
     if not data.is_file():
         return None
-    specs = [Spec("reference", "torch", None, Path(src_dir)), Spec(f"{fmt}:{quant}", fmt, quant, Path(out_dir))]
+    specs = [Spec(REFERENCE.spec, REFERENCE.backend, None, Path(src_dir)),
+             Spec(f"{FORMATS[fmt].spec}:{quant}", FORMATS[fmt].backend, quant, Path(out_dir))]
     rows = compare(specs, data, Path(out_dir) / ".fidelity", limit=limit, progress=progress)
     return write_fidelity_card(out_dir, rows, data=str(EVAL_SET))
