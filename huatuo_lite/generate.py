@@ -17,7 +17,7 @@ import numpy as np
 from .image import load as image_mod
 from . import prompt as prompt_mod
 from .backends.base import Engine, ImageEmbeds, segments_length
-from .cache import FeatureCache
+from .cache import FeatureCache, prefix_segments
 from .families.llava import GenerationConfig
 from .sampler import Sampler
 from .families.llava import GENERATION_DEFAULTS, GenerationConfig
@@ -71,7 +71,7 @@ def encode_images(engine: Engine, images: Sequence, cache: FeatureCache | None =
     keys = [image_mod.image_digest(p) for p in pixels]
     found = {}
     for key in dict.fromkeys(keys):                       # unique, in order
-        cached = cache.get(key) if cache is not None else None
+        cached = cache.lookup(engine, key) if cache is not None else None
         if cached is not None:
             found[key] = cached
     todo = [key for key in dict.fromkeys(keys) if key not in found]
@@ -80,7 +80,7 @@ def encode_images(engine: Engine, images: Sequence, cache: FeatureCache | None =
         for key, rows in zip(todo, features):
             found[key] = np.ascontiguousarray(rows, dtype=np.float32)
             if cache is not None:
-                cache.put(key, found[key])
+                cache.store(engine, key, found[key])
     return [ImageEmbeds(found[k], key=k) for k in keys]
 
 
@@ -88,8 +88,8 @@ class Generation:
     """Iterate to stream text pieces; `.answer` holds the result when done."""
 
     def __init__(self, engine: Engine, turns: list, image_embeds: list[ImageEmbeds],
-                 config: GenerationConfig, encode_seconds: float = 0.0):
-        self.engine, self.config = engine, config
+                 config: GenerationConfig, encode_seconds: float = 0.0, cache: FeatureCache | None = None):
+        self.engine, self.config, self.cache = engine, config, cache
         # Turns, not joined text: upstream tokenizes each turn's pieces on their own.
         self.segments = prompt_mod.build_segments(turns, engine.tokenize, image_embeds)
         self.prompt_tokens = segments_length(self.segments)
@@ -101,7 +101,7 @@ class Generation:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         sampler, pieces, finish = Sampler(self.config), [], "length"
         start = time.perf_counter()
-        logits = self.engine.prefill(self.segments)
+        logits = self._prefill()
         prefill_done = time.perf_counter()
         for index in range(self.config.max_new_tokens):
             token = sampler(logits)
@@ -120,6 +120,22 @@ class Generation:
             pieces.append(tail)
             yield tail
         self._finish("".join(pieces), sampler.generated, finish, start, prefill_done)
+
+    def _prefill(self) -> np.ndarray:
+        """Prefill the prompt; with a disk cache, the prefix holding the images first:
+        restored from disk when there, else computed and written. The engines feed each
+        segment as its own batches and reuse only whole segments, so the restored prefix
+        and the rest give the very numbers of one cold prefill (tests/test_prefix_cache.py)."""
+        head = prefix_segments(self.segments)
+        identity = self.cache.identity(self.engine) if self.cache is not None and head else None
+        restored = False
+        if identity is not None and self.engine.held_positions(head) < segments_length(head):
+            restored = self.cache.restore_prefix(self.engine, head)
+            if not restored:
+                self.engine.prefill(head)
+                self.cache.save_prefix(self.engine, head)
+        self.timings["prefix_cache_hit"] = int(restored)
+        return self.engine.prefill(self.segments)
 
     def _finish(self, text, tokens, finish, start, prefill_done):
         end = time.perf_counter()
@@ -154,7 +170,8 @@ def run_turns(engine: Engine, turns: Sequence, images: Sequence,
     prompt_mod.validate(turns)
     start = time.perf_counter()
     embeds = encode_images(engine, images, cache)
-    return Generation(engine, list(turns), embeds, config or GenerationConfig(), time.perf_counter() - start)
+    return Generation(engine, list(turns), embeds, config or GenerationConfig(), time.perf_counter() - start,
+                      cache=cache)
 
 
 def peak_rss_mb() -> float:

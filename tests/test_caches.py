@@ -17,6 +17,12 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "models" / "examples" / "chest_x
 GREEDY = dict(temperature=0, max_new_tokens=8)
 
 
+@pytest.fixture(autouse=True)
+def no_disk_cache(monkeypatch):
+    """These tests count in-process reuse; the disk cache has its own (test_prefix_cache.py)."""
+    monkeypatch.setenv("HUATUO_LITE_NO_CACHE", "1")
+
+
 def test_position_keys_and_prefix_helpers():
     image = ImageEmbeds(np.ones((3, 2), np.float32), key="img")
     segs = [[1, 2], image, [7]]

@@ -20,6 +20,7 @@ from ..families.llava import CONTEXT_LENGTH
 from ..manifest import check_sizes, files_with_role, read_manifest
 from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, position_keys,
                    segments_length)
+from .state import file_identity, segment_boundary
 from .gguf_llama import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
 
 N_BATCH = 512
@@ -122,6 +123,7 @@ class GgufEngine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         exact = str(manifest["files"][self.text_path.name].get("quant")).upper() in EXACT_QUANTS
         self._ctx = new_context(self._model, self.n_ctx, threads, N_BATCH, exact=exact)
+        self._identity_parts = (folder, manifest, exact, gpu_layers)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._tokens = Batch(N_BATCH)
         self._embeds = Batch(N_BATCH, self.hidden_size)
@@ -142,6 +144,7 @@ class GgufEngine:
         from .gguf_mtmd import MtmdEncoder, mtmd_trusted
 
         vision = (files_with_role(folder, manifest, "vision") or [None])[0]
+        self._vision_path = vision
         if mtmd_trusted(manifest.get("mtmd_self_test"), self.text_path, self.mmproj_path, vision,
                         self.threads, model=self._model):
             return MtmdEncoder(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers != 0)
@@ -188,7 +191,9 @@ class GgufEngine:
         keys = position_keys(segments)
         # Prefix reuse: a follow-up on the same image(s) keeps their KV rows (all_logits
         # needs every position's logits, so it always starts over).
-        keep = 0 if all_logits else common_prefix(self._cached_keys, keys)
+        # Only whole segments are kept: each segment is fed as its own batches, so the kept
+        # rows and the rest are the numbers of a cold prefill (same batches, same KV).
+        keep = 0 if all_logits else segment_boundary(segments, common_prefix(self._cached_keys, keys))
         if keep == 0 or not self._llama.llama_memory_seq_rm(self._memory, 0, keep, -1):
             self._llama.llama_memory_clear(self._memory, True)
             keep = 0
@@ -224,6 +229,54 @@ class GgufEngine:
             self._pos += len(chunk)
         return rows
 
+    # --------------------------------------------- persistent prefix (cache.py) ----
+    def cache_identity(self) -> dict:
+        """What determines the image features and the KV state of a prefix: the files'
+        digests, the quant, and the context settings that change numbers (not threads)."""
+        folder, manifest, exact, gpu_layers = self._identity_parts
+        encoder = type(self._images).__name__ if self._images is not None else None
+        vision = [file_identity(folder, manifest, p.name) for p in (self.mmproj_path, self._vision_path) if p]
+        features = {"backend": "gguf", "encoder": encoder, "vision": vision, "gpu_layers": gpu_layers,
+                    "runtime": _versions()}
+        text = file_identity(folder, manifest, self.text_path.name)
+        prefix = {**features, "text": text, "n_ctx": self.n_ctx, "n_batch": N_BATCH,
+                  "kv": "f32" if exact else "default", "flash_attn": "off" if exact else "default"}
+        return {"features": features, "prefix": prefix}
+
+    def held_positions(self, segments: Sequence[Segment]) -> int:
+        """How many leading positions of `segments` the KV cache holds already."""
+        keys = position_keys(segments)
+        n = 0
+        for have, want in zip(self._cached_keys, keys):
+            if have != want:
+                break
+            n += 1
+        return n
+
+    def export_prefix(self, segments: Sequence[Segment]) -> bytes | None:
+        """llama.cpp's state of sequence 0, which must hold exactly `segments`."""
+        if self._cached_keys != position_keys(segments):
+            return None
+        size = self._llama.llama_state_seq_get_size(self._ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = self._llama.llama_state_seq_get_data(self._ctx, buf, size, 0)
+        return bytes(buf[:written]) if written else None
+
+    def import_prefix(self, payload: bytes, segments: Sequence[Segment]) -> bool:
+        """Load a state written by export_prefix for the same `segments`; False (and an
+        empty cache) when llama.cpp refuses it or it does not hold those positions."""
+        keys = position_keys(segments)
+        self._llama.llama_memory_clear(self._memory, True)
+        self._cached_keys, self._pos = [], 0
+        buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
+        read = self._llama.llama_state_seq_set_data(self._ctx, buf, len(payload), 0)
+        if (read != len(payload) or self._llama.llama_memory_seq_pos_min(self._memory, 0) != 0
+                or self._llama.llama_memory_seq_pos_max(self._memory, 0) != len(keys) - 1):
+            self._llama.llama_memory_clear(self._memory, True)
+            return False
+        self._cached_keys, self._pos = keys, len(keys)
+        return True
+
     def _logits(self, index: int) -> np.ndarray:
         ptr = self._llama.llama_get_logits_ith(self._ctx, int(index))
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
@@ -247,6 +300,19 @@ class GgufEngine:
             self.close()
         except Exception:
             pass
+
+
+def _versions() -> dict:
+    """The kernels' versions: another llama.cpp or onnxruntime may compute other last bits."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("llama_cpp_python", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _seg_len(seg: Segment) -> int:

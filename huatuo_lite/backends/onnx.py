@@ -7,6 +7,7 @@ No torch, no transformers: the tokenizer is tokenizer.json read by the
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,8 @@ import numpy as np
 from ..errors import ModelFormatError, PromptError
 from ..manifest import check_sizes, read_manifest
 from .token_pieces import PIECE_DECODERS
-from .base import ImageEmbeds, Segment, segments_length
+from .base import ImageEmbeds, Segment, common_prefix, drop_positions, position_keys, segments_length
+from .state import file_identity, segment_boundary
 from .vision_onnx import OnnxVisionEncoder, make_session
 
 PREFILL_CHUNK = 512      # positions per decoder call in prefill: bounds the [L, V] logits buffer
@@ -117,6 +119,9 @@ class OnnxEngine:
         kv_shape = inputs[self._past_names[0]]                # [B, kvh, P, hd], kvh and hd static
         self._kv_heads, self._head_dim = int(kv_shape[1]), int(kv_shape[3])
         self._past: list | None = None                       # [1, kvh, P, hd] float32 per name
+        self._manifest, self._providers = manifest, list(providers or [])
+        self._cached_keys: list = []                         # position keys of what _past holds
+        self.reused_positions = 0
 
     # --------------------------------------------------------------- text ----
     def tokenize(self, text: str) -> list[int]:
@@ -167,27 +172,84 @@ class OnnxEngine:
         return [np.zeros((1, self._kv_heads, 0, self._head_dim), np.float32) for _ in self._past_names]
 
     def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
-        self._past = None                 # a failed prefill leaves no stale cache to step on
+        past, held = self._past, self._cached_keys
+        self._past, self._cached_keys = None, []   # a failed prefill leaves no stale cache to step on
         length = segments_length(segments)
         if length == 0:
             raise PromptError("The prompt is empty: give at least one token.")
         if length > self.n_ctx:
             raise PromptError(f"The prompt has {length} positions but the context holds {self.n_ctx}: shorten it.")
-        embeds = self._embed_segments(segments)
-        self._past = self._empty_cache()
+        keys = position_keys(segments)
+        # Reuse whole segments of what the cache holds (the prefix of a follow-up question);
+        # each segment runs as its own chunks, so the numbers are those of a cold prefill.
+        keep = 0 if all_logits or past is None else segment_boundary(segments, common_prefix(held, keys))
+        self._past = [np.ascontiguousarray(a[:, :, :keep]) for a in past] if keep else self._empty_cache()
+        self.reused_positions = keep
         rows = []
-        for start in range(0, length, PREFILL_CHUNK):
-            logits = self._run(embeds[start:start + PREFILL_CHUNK])
-            rows.append(logits if all_logits else logits[-1:])
+        for segment in drop_positions(segments, keep):
+            embeds = self._embed_segments([segment])
+            for start in range(0, len(embeds), PREFILL_CHUNK):
+                logits = self._run(embeds[start:start + PREFILL_CHUNK])
+                rows.append(logits if all_logits else logits[-1:])
+        self._cached_keys = keys
         logits = np.concatenate(rows, axis=0) if all_logits else rows[-1][0]
         return logits.astype(np.float32, copy=False)
+
+    # --------------------------------------------- persistent prefix (cache.py) ----
+    def cache_identity(self) -> dict:
+        """The graphs' digests, the quant and the execution providers (not threads)."""
+        import onnxruntime
+
+        graphs = self._manifest["onnx"]["graphs"]
+        runtime = {"backend": "onnx", "onnxruntime": onnxruntime.__version__, "providers": self._providers,
+                   "quant": self.quant}
+        features = {**runtime, "vision": file_identity(self.folder, self._manifest, graphs["vision"])}
+        # every other file (graphs, their external data, the tokenizer): all of them shape the KV
+        text = [file_identity(self.folder, self._manifest, n)
+                for n in sorted(self._manifest.get("files", {})) if n != graphs["vision"]]
+        return {"features": features,
+                "prefix": {**features, "text": text, "chunk": PREFILL_CHUNK, "n_ctx": self.n_ctx}}
+
+    def held_positions(self, segments: Sequence[Segment]) -> int:
+        if self._past is None:
+            return 0
+        n = 0
+        for have, want in zip(self._cached_keys, position_keys(segments)):
+            if have != want:
+                break
+            n += 1
+        return n
+
+    def export_prefix(self, segments: Sequence[Segment]) -> bytes | None:
+        """The present key/value arrays ([1, kvh, P, hd] float32 each), which must hold exactly `segments`."""
+        if self._past is None or self._cached_keys != position_keys(segments):
+            return None
+        buf = io.BytesIO()
+        np.savez(buf, *self._past)
+        return buf.getvalue()
+
+    def import_prefix(self, payload: bytes, segments: Sequence[Segment]) -> bool:
+        keys = position_keys(segments)
+        self._past, self._cached_keys = None, []
+        want = (1, self._kv_heads, len(keys), self._head_dim)
+        try:
+            with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+                arrays = [data[f"arr_{i}"] for i in range(len(data.files))]
+        except (ValueError, OSError, EOFError, KeyError):
+            return False
+        if len(arrays) != len(self._past_names) or any(a.shape != want or a.dtype != np.float32 for a in arrays):
+            return False
+        self._past, self._cached_keys = arrays, keys
+        return True
 
     def step(self, token_id: int) -> np.ndarray:
         if self._past is None:
             raise PromptError("step() needs a prefill() first.")
         if self._past[0].shape[2] >= self.n_ctx:
             raise PromptError(f"The context of {self.n_ctx} tokens is full.")
-        return self._run(self._embed_ids([int(token_id)]))[-1].astype(np.float32, copy=False)
+        logits = self._run(self._embed_ids([int(token_id)]))[-1].astype(np.float32, copy=False)
+        self._cached_keys.append(int(token_id))
+        return logits
 
     def close(self) -> None:
         self._past = None

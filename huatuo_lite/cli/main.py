@@ -32,7 +32,7 @@ class DefaultGroup(click.Group):
     """A group that runs `default_command` when the first word names no command."""
 
     default_command = "ask"
-    own_options = ("-v", "--verbose", "-q", "--quiet")       # the group's flags, before any command
+    own_options = ("-v", "--verbose", "-q", "--quiet", "--no-cache")   # the group's flags, before any command
 
     def parse_args(self, ctx, args):
         lead = 0
@@ -72,18 +72,24 @@ class DefaultGroup(click.Group):
 @click.version_option(__version__, prog_name="huatuo-lite")
 @click.option("-v", "--verbose", is_flag=True, help="Show INFO logs on stderr, llama.cpp's own log included.")
 @click.option("-q", "--quiet", is_flag=True, help="Hide the research-use notice and progress bars.")
-def cli(verbose, quiet):
+@click.option("--no-cache", is_flag=True,
+              help="Neither read nor write the disk cache of image features and prompt prefixes "
+                   "(same as HUATUO_LITE_NO_CACHE=1; see `huatuo-lite models cache info`).")
+def cli(verbose, quiet, no_cache):
     """Run HuatuoGPT-Vision offline. With no command, `ask` is run.
 
     \b
     Examples:
       huatuo-lite ask -m MODEL_DIR scan.png "What abnormality is seen?"
       huatuo-lite convert gguf UPSTREAM_DIR OUT_DIR --quant Q4_K_M
+      huatuo-lite --no-cache ask scan.png "..."   # no disk cache
     \b
     Shell completion (bash; zsh/fish: zsh_source/fish_source):
       eval "$(_HUATUO_LITE_COMPLETE=bash_source huatuo-lite)"
     """
     set_verbosity(verbose, quiet)
+    if no_cache:      # an environment variable, so batch/eval/serve workers follow too
+        os.environ["HUATUO_LITE_NO_CACHE"] = "1"
 
 
 def set_verbosity(verbose: bool, quiet: bool) -> None:

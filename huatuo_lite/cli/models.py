@@ -1,4 +1,4 @@
-"""`huatuo-lite models list|pull|verify|info|rm`: the local model store."""
+"""`huatuo-lite models list|pull|verify|info|rm|cache`: the local model store and its disk cache."""
 from __future__ import annotations
 
 import json
@@ -98,3 +98,48 @@ def models_rm(name, yes):
     linked = (store.home() / "models" / name).is_symlink()
     removed = store.remove(name)
     click.echo(f"removed the link {removed} (the folder it pointed to was kept)" if linked else f"removed {removed}")
+
+
+@models.group("cache")
+def models_cache():
+    """The disk cache of image features and prompt prefixes (KV state): a second question
+    about the same image, even from a new process, skips the image's encoding and prefill.
+    Folder: $HUATUO_LITE_CACHE (default: the store's cache/); cap: $HUATUO_LITE_CACHE_MAX_BYTES
+    (default 2G), least recently used entries evicted first; off: `huatuo-lite --no-cache`."""
+
+
+@models_cache.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+def models_cache_info(as_json):
+    """Where the cache is, how many entries, their size and the cap.
+
+    \b
+    Example:
+      huatuo-lite models cache info
+    """
+    from ..fsutil import human_size
+    from ..prefix_cache import DiskCache
+
+    info = DiskCache().info()
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    sizes = info["sizes"]
+    largest = f", largest entry {human_size(max(sizes))}" if sizes else ""
+    click.echo(f"{info['folder']}: {info['entries']} entries, {human_size(info['bytes'])} of "
+               f"{human_size(info['max_bytes'])}{largest}")
+
+
+@models_cache.command("clear")
+def models_cache_clear():
+    """Delete every cache entry (models are kept).
+
+    \b
+    Example:
+      huatuo-lite models cache clear
+    """
+    from ..prefix_cache import DiskCache
+
+    cache = DiskCache()
+    removed = cache.clear()
+    click.echo(f"removed {removed} cache entries from {cache.folder}")
