@@ -86,9 +86,18 @@ def _need(shapes: dict, name: str, root) -> tuple:
     return shapes[name]
 
 
+def _rope_theta(cfg: dict) -> dict:
+    """{"rope_theta": ...} from transformers 5's `rope_parameters` when the top-level key
+    (transformers 4) is absent, so that the base is not the class default; else {}."""
+    rope = cfg.get("rope_parameters")
+    if "rope_theta" in cfg or not isinstance(rope, dict) or rope.get("rope_theta") is None:
+        return {}
+    return {"rope_theta": rope["rope_theta"]}
+
+
 def text_config(arch: str, cfg: dict, shapes: dict, root) -> TextConfig:
     """cfg: the text part of config.json (the whole file for llava layouts)."""
-    get = {**TEXT_ARCHS[arch].missing_key_defaults, **cfg}.get
+    get = {**TEXT_ARCHS[arch].missing_key_defaults, **cfg, **_rope_theta(cfg)}.get
     rows, hidden = _need(shapes, "model.embed_tokens.weight", root)
     heads = int(get("num_attention_heads"))
     head_dim = int(get("head_dim") or hidden // heads)

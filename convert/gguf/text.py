@@ -191,8 +191,13 @@ def _spm_vocab(tokenizer_dir: Path, n_rows: int) -> dict:
     of tokenizer_config.json override, as convert_hf_to_gguf does."""
     from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
+    model_file = tokenizer_dir / "tokenizer.model"
+    if not model_file.is_file():   # transformers 5 saves only tokenizer.json (no piece scores in it)
+        raise ModelFormatError(f"{tokenizer_dir} has no tokenizer.model, which a SentencePiece model's GGUF is made "
+                               "from (transformers 5 does not save it): copy tokenizer.model from the original "
+                               "model's folder into it and convert again.")
     proto = spm_pb2.ModelProto()
-    proto.ParseFromString((tokenizer_dir / "tokenizer.model").read_bytes())
+    proto.ParseFromString(model_file.read_bytes())
     by_id = {i: (p.piece, TokenType(p.type)) for i, p in enumerate(proto.pieces)}
     scores = {i: p.score for i, p in enumerate(proto.pieces)}
     config = tokenizer_dir / "tokenizer_config.json"

@@ -82,12 +82,12 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, ckpt, *, dtype: str = "float32", attn_implementation: str = "sdpa"):
-        from transformers import AutoTokenizer
+        from huatuo_lite.convert.checkpoint.tokenizer import open_tokenizer
 
         self.checkpoint = ckpt
         self.dtype = torch_dtype(dtype)
         self.model = build_model(ckpt, self.dtype, attn_implementation)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
+        self.tokenizer = open_tokenizer(ckpt.tokenizer_dir)   # 4.x or transformers-5 files
         self.hidden_size = ckpt.text.hidden_size
         self.vocab_rows = ckpt.text.vocab_size
         max_len = ckpt.config.get("tokenizer_model_max_length") or CONTEXT_LENGTH

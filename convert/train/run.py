@@ -287,9 +287,9 @@ def _device(name: str) -> str:
 # ------------------------------------------------------------------- API ----
 def _examples(data, ckpt, opts: TrainOptions) -> tuple:
     """(train examples, validation examples, skipped problems) from the data file."""
-    from transformers import AutoTokenizer
+    from ..checkpoint.tokenizer import open_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir or ckpt.root))
+    tokenizer = open_tokenizer(ckpt.tokenizer_dir or ckpt.root)   # 4.x or transformers-5 files
     tokenize = lambda text: tokenizer(text, add_special_tokens=False).input_ids
     eos = ckpt.text.eos_token_id if ckpt.text.eos_token_id is not None else tokenizer.eos_token_id
     image_tokens = (ckpt.vision.image_size // ckpt.vision.patch_size) ** 2
