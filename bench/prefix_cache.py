@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--batch", action="store_true", help="also the batch-of-10 row (first row only)")
+    parser.add_argument("--eviction", action="store_true", help="also the eviction check (3 more asks per row)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -186,8 +187,9 @@ def main() -> None:
     for label, folder, quant in targets:
         row = rounds(label, folder, quant, images, args.threads, args.new_tokens, args.repeat)
         sizes = row["per_round"][0]["entry_bytes"]
-        row["eviction"] = eviction_check(folder, quant, images, args.threads, args.new_tokens,
-                                         max(sizes["prefix"]), max(sizes["features"]))
+        if args.eviction:
+            row["eviction"] = eviction_check(folder, quant, images, args.threads, args.new_tokens,
+                                             max(sizes["prefix"]), max(sizes["features"]))
         if args.batch and label == targets[0][0]:
             row["batch"] = batch_row(label, folder, quant, images, args.threads, args.new_tokens)
         results["rows"].append(row)

@@ -191,3 +191,16 @@ def test_models_cache_info_and_clear(cache_dir, monkeypatch):
     monkeypatch.setenv(prefix_cache.ENV_MAX_BYTES, "-5")
     bad = runner.invoke(cli, ["models", "cache", "info"])
     assert bad.exit_code == 1 and "HUATUO_LITE_CACHE_MAX_BYTES='-5' is not a size" in bad.output
+
+
+def test_an_unusable_cache_folder_is_only_a_miss(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(prefix_cache.ENV_DIR, str(blocker / "cache"))    # below a file: cannot be made
+    monkeypatch.delenv(prefix_cache.ENV_OFF, raising=False)
+    with api.load(DEMO["gguf"], threads=1) as model:
+        answer = model.ask(EXAMPLE, FIRST, **GREEDY)
+        assert model.feature_cache.disk.written == 0 and answer.timings["prefix_cache_hit"] == 0
+    monkeypatch.setenv(prefix_cache.ENV_OFF, "1")
+    with api.load(DEMO["gguf"], threads=1) as model:
+        assert model.ask(EXAMPLE, FIRST, **GREEDY).token_ids == answer.token_ids
