@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .algorithms import NBitsPlan
 from .graph import OPSET
 from .quant import ACCURACY_LEVEL, QUANT_BITS
 
@@ -52,13 +53,17 @@ class Slot:
     name: str
     shape: tuple
     block_size: int = 32
+    algorithm: str = "default"     # int4/int8: algorithms.ALGORITHMS (per-tensor ones only here)
+    symmetric: bool = True
+    zero_points: str | None = None  # None, "uint8" or "float" (algorithms.NBitsPlan.zero_points)
 
 
 class Graph:
     """Nodes, small inline constants, and the weight slots of one graph."""
 
-    def __init__(self, mode: str, block_size: int):
+    def __init__(self, mode: str, block_size: int, plan: NBitsPlan | None = None, num_layers: int = 0):
         self.mode, self.block_size = mode, block_size
+        self.plan, self.num_layers = plan or NBitsPlan(), num_layers   # int4: algorithm, int8 parts
         self.dtype = COMPUTE_TYPE[mode]
         self.nodes, self.constants, self.slots = [], [], []
         self.inputs, self.outputs = [], []
@@ -107,10 +112,17 @@ class Graph:
     def linear(self, x: str, source: str, shape: tuple, bias: str | None = None) -> str:
         """x [..., K] @ W.T for a torch weight W [N, K] (+ bias [N])."""
         n, k = shape
-        self.slots.append(Slot(source, "linear", self.mode, source, (n, k), self.block_size))
-        if self.mode in QUANT_BITS:
-            bits = QUANT_BITS[self.mode]
-            y = self.op("MatMulNBits", x, f"{source}_Q{bits}", f"{source}_scales", domain=MS_DOMAIN,
+        codec = self.mode
+        if codec == "int4" and self.plan.bits(source, self.num_layers) == 8:
+            codec = "int8"                                  # a part kept at 8 bits (--keep-int8)
+        bits = QUANT_BITS.get(codec)
+        zero_points = self.plan.zero_points(bits) if codec == "int4" else None
+        algorithm = self.plan.algorithm_for(bits) if codec == "int4" else "default"
+        self.slots.append(Slot(source, "linear", codec, source, (n, k), self.block_size, algorithm,
+                               zero_points is None, zero_points))
+        if bits:
+            extra = [f"{source}_zero_points"] if zero_points else []
+            y = self.op("MatMulNBits", x, f"{source}_Q{bits}", f"{source}_scales", *extra, domain=MS_DOMAIN,
                         K=k, N=n, bits=bits, block_size=self.block_size, accuracy_level=ACCURACY_LEVEL)
         else:
             y = self.op("MatMul", x, source)
@@ -214,10 +226,11 @@ def mlp(g: Graph, t, i: int, x: str) -> str:
     return g.linear(g.op("Mul", act, up), p + "down_proj.weight", (t.hidden_size, t.intermediate_size))
 
 
-def build_decoder(t, names: set, mode: str = "fp32", block_size: int = 32) -> Graph:
+def build_decoder(t, names: set, mode: str = "fp32", block_size: int = 32, plan: NBitsPlan | None = None) -> Graph:
     """The decoder graph for TextConfig `t`; `names`: the checkpoint's canonical
-    tensor names (they say which biases exist and whether lm_head is tied)."""
-    g = Graph(mode, block_size)
+    tensor names (they say which biases exist and whether lm_head is tied); `plan`:
+    int4's algorithm, symmetry and parts kept at 8 bits."""
+    g = Graph(mode, block_size, plan, t.num_layers)
     hd = t.hidden_size // t.num_heads
     g.inputs = [value_info("inputs_embeds", FLOAT, ["b", "l", t.hidden_size]),
                 value_info("attention_mask", TensorProto.INT64, ["b", "s"]),

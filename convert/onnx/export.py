@@ -40,7 +40,8 @@ from ..model_meta import DEFAULT, model_meta
 from ..provenance import source_entry, version
 from ..checkpoint.read import open_checkpoint
 from .graph import EXPORTERS, check_graph
-from .quant import QUANT_BITS, QUANT_MODES, VISION_QUANT_MODES, check_mode, quantize_graph
+from .algorithms import CALIBRATED, NBitsPlan, check_plan, default_symmetric
+from .quant import QUANT_BITS, QUANT_MODES, VISION_QUANT_MODES, check_mode, quantize_gptq, quantize_graph
 from .stream import export_decoder_streamed, export_embed_streamed
 from .vision import export_vision
 from .vision_stream import export_vision_streamed
@@ -59,30 +60,83 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
                 force_external_data: bool = False, exporter: str = STREAM,
                 allow_pickle: bool = False, name: str | None = None, base_repo=DEFAULT,
-                license=DEFAULT) -> Path:  # noqa: A002
+                license=DEFAULT, algorithm: str = "default", symmetric: bool | None = None,  # noqa: A002
+                keep_int8: str = "none", calibration=None, embed_quant: str | None = None) -> Path:
     """Convert `src` into `out_dir`; returns the path of decoder.onnx. `exporter`
     picks the vision route (embed and decoder are always streamed). `name`, `base_repo`,
-    `license`: the model's identity for the manifest and the README.md card (model_meta)."""
+    `license`: the model's identity for the manifest and the README.md card (model_meta).
+    int4 only: `algorithm` (onnx_algorithms.ALGORITHMS), `symmetric` (None: the
+    algorithm's own), `keep_int8` (parts at 8 bits), `calibration` (records, gptq),
+    `embed_quant` (the token table: int4 or fp16; default EMBED_QUANT[quant])."""
     _check_options(quant, vision_quant, block_size)
+    plan = int4_plan(quant, block_size, algorithm, symmetric, keep_int8, calibration)
+    embed_quant = _embed_quant(quant, embed_quant)
     if exporter not in (STREAM, *EXPORTERS):
         raise HuatuoError(f"Unknown ONNX exporter {exporter!r}: choose one of {', '.join((STREAM, *EXPORTERS))}.")
     ckpt = open_checkpoint(src, allow_pickle=allow_pickle)
-    modes = {EMBED: EMBED_QUANT[quant], DECODER: quant}
+    modes = {EMBED: embed_quant, DECODER: quant}
     with staging_dir(out_dir) as stage:
         files = _export_vision(ckpt, stage, vision_quant, block_size, force_external_data, exporter)
         for name, export in tqdm(STREAMED.items(), desc=f"onnx {quant}", unit="graph", leave=False):
-            written = export(ckpt, stage / name, modes[name], block_size, force_external_data)
+            if name == DECODER:
+                written = _export_decoder(ckpt, stage, quant, block_size, force_external_data, plan)
+            else:
+                written = export(ckpt, stage / name, modes[name], block_size, force_external_data)
             check_graph(stage / name)
             files.update(_graph_entries(name, written, modes[name]))
         for path in copy_tokenizer(ckpt, stage):
             files[path.name] = file_entry(path, "tokenizer")
         meta = model_meta(ckpt, name or _model_name(ckpt), base_repo, license)
-        manifest = _manifest(ckpt, files, _onnx_section(quant, vision_quant, block_size))
+        manifest = _manifest(ckpt, files, _onnx_section(quant, vision_quant, block_size, plan, embed_quant))
         manifest["name"] = meta.name
         write_manifest(stage, manifest)
         rows = fidelity_from_card(Path(out_dir) / FIDELITY_CARD)
         write_card(stage, meta, manifest, fidelity_rows=rows, fidelity_link=FIDELITY_CARD if rows else None)
     return Path(out_dir) / DECODER
+
+
+def int4_plan(quant: str, block_size: int, algorithm: str = "default", symmetric: bool | None = None,
+              keep_int8: str = "none", calibration=None) -> NBitsPlan:
+    """The checked int4 plan; the int4 options given with another --quant are one sentence."""
+    if quant != "int4":
+        given = [f"--{k}" for k, v in (("algorithm", algorithm != "default"), ("symmetric", symmetric is not None),
+                                       ("keep-int8", keep_int8 != "none"), ("calibration", calibration)) if v]
+        if given:
+            raise HuatuoError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --quant int4 only; "
+                              f"drop {'it' if len(given) == 1 else 'them'} for --quant {quant}.")
+        return NBitsPlan()
+    if calibration is not None and not Path(calibration).is_file():
+        raise HuatuoError(f"Calibration file {calibration} does not exist; give a JSON list of PubMedVision "
+                          "or eval-format records.")
+    sym = default_symmetric(algorithm) if symmetric is None else bool(symmetric)
+    return check_plan(NBitsPlan(algorithm, sym, keep_int8, str(calibration) if calibration else None), block_size)
+
+
+def _embed_quant(quant: str, embed_quant: str | None) -> str:
+    """The token table's storage: int4 models may keep it fp16 (GatherBlockQuantized is
+    4-bit only in onnxruntime 1.32, so fp16 is the next step up); others as EMBED_QUANT."""
+    if embed_quant is None or embed_quant == EMBED_QUANT[quant]:
+        return EMBED_QUANT[quant]
+    if quant == "int4" and embed_quant == "fp16":
+        return embed_quant
+    raise HuatuoError(f"--embed-quant {embed_quant} is not supported with --quant {quant}: "
+                      f"use {EMBED_QUANT[quant]}" + (" or fp16." if quant == "int4" else "."))
+
+
+def _export_decoder(ckpt, stage: Path, quant: str, block_size: int, force_external_data: bool,
+                    plan: NBitsPlan) -> list[Path]:
+    """decoder.onnx streamed, or for GPTQ streamed in fp32 into a scratch folder and
+    quantized whole from there (onnx_quant.quantize_gptq: the memory it needs)."""
+    if quant != "int4" or plan.algorithm not in CALIBRATED:
+        return export_decoder_streamed(ckpt, stage / DECODER, quant, block_size, force_external_data, plan)
+    from .calibrate import DecoderCalibration
+
+    reader = DecoderCalibration(ckpt, plan.calibration)
+    with tempfile.TemporaryDirectory(prefix=".scratch-", dir=stage) as scratch:
+        fp32 = Path(scratch) / DECODER
+        export_decoder_streamed(ckpt, fp32, "fp32", block_size)   # inline when < 2 GB: the quantizer loads bytes
+        return quantize_gptq(fp32, stage / DECODER, block_size=block_size, symmetric=plan.symmetric,
+                             reader=reader, force=force_external_data)
 
 
 def _export_vision(ckpt, stage: Path, vision_quant: str, block_size: int, force_external_data: bool,
@@ -182,10 +236,15 @@ def context_length(ckpt) -> int:
     return int(min(max_len, ckpt.text.max_position_embeddings))
 
 
-def _onnx_section(quant: str, vision_quant: str, block_size: int) -> dict:
-    return {"quant": quant, "vision_quant": vision_quant, "embed_quant": EMBED_QUANT[quant],
-            "block_size": block_size if quant in QUANT_BITS else None,
-            "graphs": {"vision": VISION, "embed": EMBED, "decoder": DECODER}}
+def _onnx_section(quant: str, vision_quant: str, block_size: int, plan: NBitsPlan | None = None,
+                  embed_quant: str | None = None) -> dict:
+    section = {"quant": quant, "vision_quant": vision_quant, "embed_quant": embed_quant or EMBED_QUANT[quant],
+               "block_size": block_size if quant in QUANT_BITS else None,
+               "graphs": {"vision": VISION, "embed": EMBED, "decoder": DECODER}}
+    if quant == "int4" and plan is not None:
+        section["int4"] = {"algorithm": plan.algorithm, "symmetric": plan.symmetric, "keep_int8": plan.keep_int8,
+                           "calibration": Path(plan.calibration).name if plan.calibration else None}
+    return section
 
 
 def _tools() -> dict:

@@ -14,6 +14,16 @@
 Only MatMuls with a constant weight are quantized (activation x activation
 MatMuls in attention, the Conv patch embedding and norms stay float).
 The embedding Gather can be block-quantized too (GatherBlockQuantized).
+
+int4's other algorithms (onnx_algorithms: rtn, k_quant, hqq, asymmetric default) are
+per tensor and run while streaming (onnx_stream). GPTQ needs the activations of
+every MatMul, so it runs here on a whole fp32 graph (`quantize_gptq`): the fp32
+decoder is written first, loaded whole, and run on the calibration windows
+(onnx_calibrate). Peak memory is then ~2-3x the fp32 decoder (the graph, the
+quantizer's augmented copy with every MatMul input as an output, the session;
+plus one K x K float64 Hessian per weight being quantized): fine for the demo and
+the tiny models, ~60-90 GB for a 7B (28 GB in fp32), so a 7B's GPTQ belongs on a
+big-memory machine; the per-tensor algorithms stream as before.
 """
 from __future__ import annotations
 
@@ -78,6 +88,27 @@ def _fp32(src: Path, dst: Path, *, force: bool, **_) -> list[Path]:
     import onnx
 
     return save_graph(onnx.load(str(src)), dst, force)
+
+
+def quantize_gptq(src: Path, dst: Path, *, block_size: int, symmetric: bool, reader,
+                  force: bool = False) -> list[Path]:
+    """The fp32 decoder `src` -> `dst` with GPTQ int4 MatMulNBits; `reader`: an
+    onnx_calibrate.DecoderCalibration. Initializers come out named as the quantizer
+    names them (`<weight>_Q4G<block>`, `_scale`, `_zp`)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (GPTQWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+
+    config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader)
+    quantizer = MatMulNBitsQuantizer(str(src), bits=4, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=ACCURACY_LEVEL, algo_config=config)
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        quantizer.process()
+    finally:
+        logger.setLevel(level)
+    return save_graph(quantizer.model.model, dst, force)
 
 
 def quantize_graph(src: Path, dst: Path, mode: str, *, block_size: int = 32, gather: bool = False,

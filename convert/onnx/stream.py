@@ -33,7 +33,8 @@ from huatuo_lite.errors import ModelFormatError
 
 from .builder import Slot, build_decoder, build_embed
 from .graph import external_data_path, graph_files, save_graph
-from .quant import ACCURACY_LEVEL, QUANT_BITS
+from .algorithms import WHOLE_MATRIX, NBitsPlan, quantize_rows
+from .quant import QUANT_BITS
 
 CHUNK_BYTES = 16 * 2**20     # float32 bytes converted at once (a 7B lm_head is 2.2 GB in float32)
 ALIGN = 4096                 # tensor offsets in the .data file: page-aligned for memory mapping
@@ -101,26 +102,32 @@ def _dense_linear(w, slot: Slot, data: DataFile) -> list:
 
 
 def _nbits_linear(w, slot: Slot, data: DataFile) -> list:
-    """torch W [N, K] -> MatMulNBits B [N, K/bs, bs*bits/8] uint8 + scales [N, K/bs] f32,
-    packed by onnxruntime's own kernel on [K, n] column chunks."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 DefaultWeightOnlyQuantizer)
-
+    """torch W [N, K] -> MatMulNBits B [N, K/bs, bs*bits/8] uint8 + scales [N, K/bs] f32
+    (+ zero points: uint8 [N, ceil(K/bs*bits/8)] or f32 [N, K/bs] when asymmetric),
+    quantized by slot.algorithm (onnx_algorithms: onnxruntime's own kernels) on row chunks
+    of W (each output column's blocks on their own; hqq: the whole matrix at once)."""
     bits = QUANT_BITS[slot.codec]
     n, k = w.shape
-    blocks, blob = -(-k // slot.block_size), -(-slot.block_size // (8 // bits))
-    packer = DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
-        block_size=slot.block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL, bits=bits))
+    blocks, blob = -(-k // slot.block_size), -(-slot.block_size * bits // 8)
     packed, packed_at = data.tensor(f"{slot.name}_Q{bits}", TensorProto.UINT8, [n, blocks, blob],
                                     n * blocks * blob)
     scales, scales_at = data.tensor(f"{slot.name}_scales", TensorProto.FLOAT, [n, blocks], n * blocks * 4)
-    step = _chunk(k)
+    protos, zp_at, zp_row = [packed, scales], None, 0
+    if slot.zero_points:
+        zp_row = blocks * 4 if slot.zero_points == "float" else -(-blocks * bits // 8)
+        zp_type = TensorProto.FLOAT if slot.zero_points == "float" else TensorProto.UINT8
+        zp, zp_at = data.tensor(f"{slot.name}_zero_points", zp_type,
+                                [n, zp_row // 4 if slot.zero_points == "float" else zp_row], n * zp_row)
+        protos.append(zp)
+    step = n if slot.algorithm in WHOLE_MATRIX else _chunk(k)
     for n0 in range(0, n, step):
-        columns = np.ascontiguousarray(w[n0:n0 + step].float().numpy().T)          # [K, n] float32
-        q, s, _ = packer.qbits_block_quant(columns)                                 # [n, blocks, blob], [n, blocks]
+        rows = np.ascontiguousarray(w[n0:n0 + step].float().numpy())                # [n, K] float32
+        q, s, z = quantize_rows(slot.algorithm, rows, slot.block_size, bits, slot.symmetric)
         data.write_at(packed_at + n0 * blocks * blob, q)
         data.write_at(scales_at + n0 * blocks * 4, s.astype(np.float32, copy=False))
-    return [packed, scales]
+        if zp_at is not None:
+            data.write_at(zp_at + n0 * zp_row, z)
+    return protos
 
 
 def _dense_rows(w, slot: Slot, data: DataFile) -> list:
@@ -218,9 +225,10 @@ def write_streamed(ckpt, graph, path: Path, doc: str, prefixes: tuple = (),
 
 
 def export_decoder_streamed(ckpt, path: Path, quant: str = "fp32", block_size: int = 32,
-                            force_external_data: bool = False) -> list[Path]:
-    """decoder.onnx (+ .data) in `quant` (fp32, fp16, int8, int4) straight from the checkpoint."""
-    graph = build_decoder(ckpt.text, set(ckpt.names()), quant, block_size)
+                            force_external_data: bool = False, plan: NBitsPlan | None = None) -> list[Path]:
+    """decoder.onnx (+ .data) in `quant` (fp32, fp16, int8, int4) straight from the checkpoint;
+    `plan`: int4's per-tensor algorithm, symmetry and 8-bit parts (not gptq: quant.py)."""
+    graph = build_decoder(ckpt.text, set(ckpt.names()), quant, block_size, plan)
     return write_streamed(ckpt, graph, Path(path), "decoder", DECODER_PREFIXES, force_external_data)
 
 
