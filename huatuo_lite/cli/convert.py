@@ -81,17 +81,37 @@ def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, na
 @click.option("--vision-quant", default=ONNX.default_side_quant, show_default=True,
               type=click.Choice(ONNX.side_quants))
 @click.option("--block-size", default=32, show_default=True, type=click.IntRange(16), help="int4/int8 block size.")
+@click.option("--algorithm", default="default", show_default=True,
+              type=click.Choice(["default", "rtn", "k_quant", "hqq", "gptq"]),
+              help="int4 weight algorithm, named as onnxruntime's matmul_nbits_quantizer names them "
+              "(gptq needs --calibration).")
+@click.option("--symmetric/--asymmetric", default=None,
+              help="int4 zero points: none (symmetric) or one per block; default: the algorithm's own "
+              "(k_quant and hqq are asymmetric only).")
+@click.option("--keep-int8", default="none", show_default=True, type=click.Choice(["none", "lm_head", "mixed"]),
+              help="int4 parts kept at 8 bits: lm_head, or lm_head plus v_proj/down_proj of llama.cpp's "
+              "use_more_bits layers (onnxruntime-genai's k_quant_mixed).")
+@click.option("--embed-quant", type=click.Choice(["int4", "fp16"]), default=None,
+              help="int4: the token embedding table's storage (default int4; fp16 costs 4x its bytes).")
+@click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="CALIB.json",
+              help="Question/answer records (PubMedVision or eval format) for --algorithm gptq; never the "
+              "questions you will score.")
 @click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin checkpoint (runs pickle code).")
 @click.option("--name", default=None, help="The model's name for the manifest and model card "
               "(default: the source's name).")
-def convert_onnx(src, out_dir, quant, vision_quant, block_size, allow_pickle, name):
+def convert_onnx(src, out_dir, quant, vision_quant, block_size, algorithm, symmetric, keep_int8, embed_quant,
+                 calibration, allow_pickle, name):
     """Convert an upstream folder to vision/embed/decoder ONNX graphs.
 
     \b
     Example:
       huatuo-lite convert onnx ./HuatuoGPT-Vision-7B ./hv7b-onnx --quant int4
+      huatuo-lite convert onnx ./HuatuoGPT-Vision-7B ./hv7b-onnx --quant int4 --algorithm k_quant --keep-int8 mixed
     """
     with reporting(out_dir, "manifest.json"):
         out = convert_module("onnx.export").export_onnx(src, out_dir, quant=quant, vision_quant=vision_quant,
-                                                        block_size=block_size, allow_pickle=allow_pickle, name=name)
+                                                        block_size=block_size, allow_pickle=allow_pickle, name=name,
+                                                        algorithm=algorithm, symmetric=symmetric,
+                                                        keep_int8=keep_int8, calibration=calibration,
+                                                        embed_quant=embed_quant)
     click.echo(str(out))
