@@ -34,11 +34,19 @@ ALGORITHMS = ("default", "rtn", "k_quant", "hqq", "gptq")
 PER_TENSOR = ("default", "rtn", "k_quant", "hqq")
 ASYMMETRIC_ONLY = ("k_quant", "hqq")
 WHOLE_MATRIX = ("hqq",)         # results depend on the whole matrix: never chunked
+# numpy kernels hold ~this many float temporaries of their chunk (k_quant's 20-step
+# search: weights, trial codes, products): stream.py divides its chunk by it, so the
+# peak stays ~one chunk of float32 whatever the algorithm
+CHUNK_DIVISOR = {"default": 1, "rtn": 4, "k_quant": 16, "hqq": 1}
 CALIBRATED = ("gptq",)
 # which parts stay at 8 bits inside an int4 model (onnxruntime-genai's int4 algo names)
 KEEP_INT8 = {"none": "every MatMul at 4 bits", "lm_head": "lm_head at 8 bits (genai k_quant_last)",
              "mixed": "lm_head, and v_proj/down_proj of llama.cpp's use_more_bits layers, at 8 bits "
                       "(genai k_quant_mixed)"}
+# `convert onnx --quant int4` without options: chosen on the demo's validation split
+# (bench/quant_candidates.py, issue #21: 100.0% agreement, +0.0 points, KL 3.5e-4 against
+# default-sym's 99.1%, -0.3, 5.5e-3), reported on its test split in models/demo/FIDELITY.md.
+INT4_DEFAULT = {"algorithm": "k_quant", "keep_int8": "mixed", "embed_quant": "fp16"}
 # zero-point storage per algorithm when asymmetric: packed uint8 or float
 ZERO_POINTS = {"default": "uint8", "rtn": "uint8", "k_quant": "uint8", "hqq": "float", "gptq": "uint8"}
 

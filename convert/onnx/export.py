@@ -40,7 +40,7 @@ from ..model_meta import DEFAULT, model_meta
 from ..provenance import source_entry, version
 from ..checkpoint.read import open_checkpoint
 from .graph import EXPORTERS, check_graph
-from .algorithms import CALIBRATED, NBitsPlan, check_plan, default_symmetric
+from .algorithms import CALIBRATED, INT4_DEFAULT, NBitsPlan, check_plan, default_symmetric
 from .quant import QUANT_BITS, QUANT_MODES, VISION_QUANT_MODES, check_mode, quantize_gptq, quantize_graph
 from .stream import export_decoder_streamed, export_embed_streamed
 from .vision import export_vision
@@ -60,16 +60,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", block_size: int = 32,
                 force_external_data: bool = False, exporter: str = STREAM,
                 allow_pickle: bool = False, name: str | None = None, base_repo=DEFAULT,
-                license=DEFAULT, algorithm: str = "default", symmetric: bool | None = None,  # noqa: A002
-                keep_int8: str = "none", calibration=None, embed_quant: str | None = None) -> Path:
+                license=DEFAULT, algorithm: str | None = None, symmetric: bool | None = None,  # noqa: A002
+                keep_int8: str | None = None, calibration=None, embed_quant: str | None = None) -> Path:
     """Convert `src` into `out_dir`; returns the path of decoder.onnx. `exporter`
     picks the vision route (embed and decoder are always streamed). `name`, `base_repo`,
     `license`: the model's identity for the manifest and the README.md card (model_meta).
     int4 only: `algorithm` (onnx_algorithms.ALGORITHMS), `symmetric` (None: the
     algorithm's own), `keep_int8` (parts at 8 bits), `calibration` (records, gptq),
-    `embed_quant` (the token table: int4 or fp16; default EMBED_QUANT[quant])."""
+    `embed_quant` (the token table: int4 or fp16). None: INT4_DEFAULT for int4."""
     _check_options(quant, vision_quant, block_size)
     plan = int4_plan(quant, block_size, algorithm, symmetric, keep_int8, calibration)
+    if quant == "int4" and embed_quant is None:
+        embed_quant = INT4_DEFAULT["embed_quant"]
     embed_quant = _embed_quant(quant, embed_quant)
     if exporter not in (STREAM, *EXPORTERS):
         raise HuatuoError(f"Unknown ONNX exporter {exporter!r}: choose one of {', '.join((STREAM, *EXPORTERS))}.")
@@ -95,12 +97,13 @@ def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", b
     return Path(out_dir) / DECODER
 
 
-def int4_plan(quant: str, block_size: int, algorithm: str = "default", symmetric: bool | None = None,
-              keep_int8: str = "none", calibration=None) -> NBitsPlan:
-    """The checked int4 plan; the int4 options given with another --quant are one sentence."""
+def int4_plan(quant: str, block_size: int, algorithm: str | None = None, symmetric: bool | None = None,
+              keep_int8: str | None = None, calibration=None) -> NBitsPlan:
+    """The checked int4 plan (options left None: INT4_DEFAULT); the int4 options given
+    with another --quant are one sentence."""
     if quant != "int4":
-        given = [f"--{k}" for k, v in (("algorithm", algorithm != "default"), ("symmetric", symmetric is not None),
-                                       ("keep-int8", keep_int8 != "none"), ("calibration", calibration)) if v]
+        given = [f"--{k}" for k, v in (("algorithm", algorithm), ("symmetric", symmetric),
+                                       ("keep-int8", keep_int8), ("calibration", calibration)) if v is not None]
         if given:
             raise HuatuoError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --quant int4 only; "
                               f"drop {'it' if len(given) == 1 else 'them'} for --quant {quant}.")
@@ -108,6 +111,9 @@ def int4_plan(quant: str, block_size: int, algorithm: str = "default", symmetric
     if calibration is not None and not Path(calibration).is_file():
         raise HuatuoError(f"Calibration file {calibration} does not exist; give a JSON list of PubMedVision "
                           "or eval-format records.")
+    algorithm = INT4_DEFAULT["algorithm"] if algorithm is None else algorithm
+    if keep_int8 is None:            # gptq cannot keep parts at 8 bits (check_plan)
+        keep_int8 = "none" if algorithm in CALIBRATED else INT4_DEFAULT["keep_int8"]
     sym = default_symmetric(algorithm) if symmetric is None else bool(symmetric)
     return check_plan(NBitsPlan(algorithm, sym, keep_int8, str(calibration) if calibration else None), block_size)
 

@@ -33,7 +33,7 @@ from huatuo_lite.errors import ModelFormatError
 
 from .builder import Slot, build_decoder, build_embed
 from .graph import external_data_path, graph_files, save_graph
-from .algorithms import WHOLE_MATRIX, NBitsPlan, quantize_rows
+from .algorithms import CHUNK_DIVISOR, WHOLE_MATRIX, NBitsPlan, quantize_rows
 from .quant import QUANT_BITS
 
 CHUNK_BYTES = 16 * 2**20     # float32 bytes converted at once (a 7B lm_head is 2.2 GB in float32)
@@ -119,7 +119,7 @@ def _nbits_linear(w, slot: Slot, data: DataFile) -> list:
         zp, zp_at = data.tensor(f"{slot.name}_zero_points", zp_type,
                                 [n, zp_row // 4 if slot.zero_points == "float" else zp_row], n * zp_row)
         protos.append(zp)
-    step = n if slot.algorithm in WHOLE_MATRIX else _chunk(k)
+    step = n if slot.algorithm in WHOLE_MATRIX else max(1, _chunk(k) // CHUNK_DIVISOR[slot.algorithm])
     for n0 in range(0, n, step):
         rows = np.ascontiguousarray(w[n0:n0 + step].float().numpy())                # [n, K] float32
         q, s, z = quantize_rows(slot.algorithm, rows, slot.block_size, bits, slot.symmetric)

@@ -81,18 +81,18 @@ def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, na
 @click.option("--vision-quant", default=ONNX.default_side_quant, show_default=True,
               type=click.Choice(ONNX.side_quants))
 @click.option("--block-size", default=32, show_default=True, type=click.IntRange(16), help="int4/int8 block size.")
-@click.option("--algorithm", default="default", show_default=True,
-              type=click.Choice(["default", "rtn", "k_quant", "hqq", "gptq"]),
+@click.option("--algorithm", default=None, type=click.Choice(["default", "rtn", "k_quant", "hqq", "gptq"]),
               help="int4 weight algorithm, named as onnxruntime's matmul_nbits_quantizer names them "
-              "(gptq needs --calibration).")
+              "(gptq needs --calibration). Default for int4: k_quant with --keep-int8 mixed and an fp16 "
+              "embedding table (chosen on the demo's validation split, models/demo/FIDELITY.md).")
 @click.option("--symmetric/--asymmetric", default=None,
               help="int4 zero points: none (symmetric) or one per block; default: the algorithm's own "
               "(k_quant and hqq are asymmetric only).")
-@click.option("--keep-int8", default="none", show_default=True, type=click.Choice(["none", "lm_head", "mixed"]),
+@click.option("--keep-int8", default=None, type=click.Choice(["none", "lm_head", "mixed"]),
               help="int4 parts kept at 8 bits: lm_head, or lm_head plus v_proj/down_proj of llama.cpp's "
               "use_more_bits layers (onnxruntime-genai's k_quant_mixed).")
 @click.option("--embed-quant", type=click.Choice(["int4", "fp16"]), default=None,
-              help="int4: the token embedding table's storage (default int4; fp16 costs 4x its bytes).")
+              help="int4: the token embedding table's storage (default fp16; int4 is a quarter of its bytes).")
 @click.option("--calibration", type=click.Path(dir_okay=False), default=None, metavar="CALIB.json",
               help="Question/answer records (PubMedVision or eval format) for --algorithm gptq; never the "
               "questions you will score.")

@@ -33,7 +33,10 @@ def onnx_7b_int8(tiny_7b, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def onnx_7b_int4(tiny_7b, tmp_path_factory):
-    return _export(tiny_7b, tmp_path_factory, "7b-int4", quant="int4")
+    """int4 as onnxruntime's default quantizer makes it (the graph route's bytes, test_onnx_files);
+    the k_quant/mixed default and the other algorithms: test_onnx_int4_algorithms.py."""
+    return _export(tiny_7b, tmp_path_factory, "7b-int4", quant="int4", algorithm="default", symmetric=True,
+                   keep_int8="none", embed_quant="int4")
 
 
 @pytest.fixture(scope="session")

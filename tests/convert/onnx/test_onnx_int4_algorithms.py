@@ -18,19 +18,21 @@ ANSWER = "The chest radiograph shows a right lower lobe consolidation consistent
 # label -> export options. Bounds as test_onnx_quant's int4 (random tiny weights: flat
 # distributions, a fragile top-1): >= 0.45 top-1 agreement, mean KL <= 1e-2.
 CASES = {
-    "default-asym": dict(algorithm="default", symmetric=False),
-    "rtn-sym": dict(algorithm="rtn", symmetric=True),
-    "rtn-asym": dict(algorithm="rtn", symmetric=False),
-    "k_quant": dict(algorithm="k_quant"),
-    "hqq": dict(algorithm="hqq"),
+    "default-asym": dict(algorithm="default", symmetric=False, keep_int8="none"),
+    "rtn-sym": dict(algorithm="rtn", symmetric=True, keep_int8="none"),
+    "rtn-asym": dict(algorithm="rtn", symmetric=False, keep_int8="none"),
+    "k_quant": dict(algorithm="k_quant", keep_int8="none"),
+    "hqq": dict(algorithm="hqq", keep_int8="none"),
     "gptq": dict(algorithm="gptq", calibrated=True),
     "k_quant-mixed-embed16-b16": dict(algorithm="k_quant", keep_int8="mixed", embed_quant="fp16", block_size=16),
     "default-lm_head-b64": dict(algorithm="default", keep_int8="lm_head", block_size=64),
+    "int4-default": dict(),                      # INT4_DEFAULT: k_quant, mixed, fp16 table
 }
 MIN_TOP1, MAX_KL = 0.45, 1e-2
 # what the decoder's MatMulNBits nodes read: zero points or not (the algorithm's kind)
 ZERO_POINTS = {"default-asym": True, "rtn-sym": False, "rtn-asym": True, "k_quant": True, "hqq": True,
-               "gptq": False, "k_quant-mixed-embed16-b16": True, "default-lm_head-b64": False}
+               "gptq": False, "k_quant-mixed-embed16-b16": True, "default-lm_head-b64": False,
+               "int4-default": True}
 
 
 def _log_softmax(x):
@@ -70,13 +72,16 @@ def test_each_algorithm_quantizes_and_answers(label, tiny_7b, tmp_path, calibrat
     options = dict(CASES[label])
     if options.pop("calibrated", False):
         options["calibration"] = calibration
+    from huatuo_lite.convert.onnx.algorithms import INT4_DEFAULT
+
     export_onnx(tiny_7b, tmp_path / "out", quant="int4", **options)
+    options = {**INT4_DEFAULT, **({"keep_int8": "none"} if options.get("algorithm") == "gptq" else {}), **options}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["onnx"]["int4"]["algorithm"] == options["algorithm"]
-    assert manifest["onnx"]["embed_quant"] == options.get("embed_quant", "int4")
+    assert manifest["onnx"]["embed_quant"] == options["embed_quant"]
     nodes = [n for n in onnx.load(str(tmp_path / "out" / "decoder.onnx")).graph.node if n.op_type == "MatMulNBits"]
     bits = {next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
-    assert bits == ({4} if options.get("keep_int8", "none") == "none" else {4, 8})
+    assert bits == ({4} if options["keep_int8"] == "none" else {4, 8})
     four = [n for n in nodes if next(a.i for a in n.attribute if a.name == "bits") == 4]
     assert {len(n.input) == 4 for n in four} == {ZERO_POINTS[label]}
     engine = open_onnx(tmp_path / "out")
@@ -123,6 +128,7 @@ def test_kernels_are_per_column(algorithm, symmetric):
 
 BAD = [
     (dict(algorithm="gptq"), "--algorithm gptq needs calibration records: pass --calibration"),
+    (dict(algorithm="gptq", calibration="CALIB", keep_int8="lm_head"), "gptq cannot keep parts at 8 bits"),
     (dict(block_size=48), "--block-size 48 is not supported: use a power of two >= 16"),
     (dict(algorithm="awq"), "--algorithm 'awq' is not supported: choose one of default, rtn, k_quant, hqq, gptq."),
     (dict(algorithm="k_quant", symmetric=True), "--algorithm k_quant is asymmetric only: drop --symmetric."),
@@ -130,6 +136,7 @@ BAD = [
     (dict(algorithm="gptq", calibration="CALIB", keep_int8="mixed"), "--algorithm gptq cannot keep parts at 8 bits"),
     (dict(keep_int8="half"), "--keep-int8 'half' is not supported: choose one of none, lm_head, mixed."),
     (dict(quant="int8", algorithm="hqq"), "--algorithm applies to --quant int4 only; drop it for --quant int8."),
+    (dict(algorithm="k_quant", symmetric=True, keep_int8="none"), "k_quant is asymmetric only"),
     (dict(quant="int8", embed_quant="int4"), "--embed-quant int4 is not supported with --quant int8: use fp16."),
     (dict(algorithm="gptq", calibration="MISSING"), "Calibration file MISSING does not exist"),
 ]
