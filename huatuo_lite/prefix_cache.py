@@ -124,7 +124,8 @@ class DiskCache:
                     fh.write(MAGIC + _HEADER_LEN.pack(len(header)) + header)
                     fh.write(payload)
         except (OSError, HuatuoError) as exc:          # full disk, read-only home: only a miss later
-            log.warning("could not write cache entry %s (%s)", key[:12], exc)
+            # INFO (shown by -v), not a warning: it would print on every request, inside chat's screen
+            log.info("could not write cache entry %s (%s)", key[:12], exc)
             return False
         self.written += 1
         self.evict(keep=key)

@@ -21,6 +21,7 @@ from ..manifest import check_sizes, files_with_role, read_manifest
 from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, position_keys,
                    segments_length)
 from .state import file_identity, segment_boundary
+from .vision_onnx import OnnxVisionEncoder
 from .gguf_llama import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
 
 N_BATCH = 512
@@ -81,8 +82,6 @@ def _check_mmproj(folder: Path, manifest: dict, n_embd: int) -> Path | None:
 
 
 def _check_vision(path: Path, n_embd: int, threads: int):
-    from .vision_onnx import OnnxVisionEncoder
-
     encoder = OnnxVisionEncoder(path, threads=threads)
     if encoder.hidden_size != n_embd:
         encoder.close()
@@ -92,11 +91,12 @@ def _check_vision(path: Path, n_embd: int, threads: int):
     return encoder
 
 
-class _LazyVision:
+class _LazyVision(OnnxVisionEncoder):
     """vision.onnx, opened at the first image that is not in the cache: a question answered
-    from the disk cache never pays its session (CLIP-L: 1.2 GB of fp32 weights read)."""
+    from the disk cache never pays its session (CLIP-L: 1.2 GB of fp32 weights read).
+    An OnnxVisionEncoder to its users; the session is the wrapped one's."""
 
-    def __init__(self, path: Path, width: int, threads: int):
+    def __init__(self, path: Path, width: int, threads: int):   # no session yet (no super().__init__)
         self.path, self.width, self.threads = path, width, threads
         self._encoder = None
 
