@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from support.engines import open_gguf, open_onnx, prompt_segments, random_pixels, skip_without
+from support.engines import open_gguf, open_onnx, prompt_segments, skip_without
 skip_without("llama_cpp", "onnxruntime")
 from huatuo_lite import api, prefix_cache
 from huatuo_lite.backends.base import ImageEmbeds
@@ -92,8 +92,9 @@ def _engine_numbers(open_engine, folder, tmp_path):
     cache = FeatureCache(disk=DiskCache(tmp_path / "c", cap=1 << 30))
     writer, reader, cold = (open_engine(folder) for _ in range(3))
     try:
-        pixels = random_pixels(1, seed=5)
-        features = ImageEmbeds(writer.encode_images(pixels)[0], key="img-5")
+        # seeded features of the image's shape [576, H]: the quantized folders are text-only
+        rows = np.random.default_rng(5).standard_normal((576, writer.hidden_size)).astype(np.float32)
+        features = ImageEmbeds(rows * 0.05, key="img-5")
         segments = prompt_segments(writer, [features])
         head = prefix_segments(segments)
         writer.prefill(head)
@@ -112,10 +113,12 @@ def _engine_numbers(open_engine, folder, tmp_path):
             engine.close()
 
 
-@pytest.mark.parametrize("backend", ["gguf", "onnx"])
-def test_restored_prefix_gives_bitwise_the_cold_logits(backend, gguf_7b_f32, onnx_7b, tmp_path):
-    folder = {"gguf": gguf_7b_f32, "onnx": onnx_7b}[backend]
-    cold, warm = _engine_numbers({"gguf": open_gguf, "onnx": open_onnx}[backend], folder, tmp_path)
+@pytest.mark.parametrize("fixture", ["gguf_7b_f32", "gguf_7b_q4_k_m", "onnx_7b"])
+def test_restored_prefix_gives_bitwise_the_cold_logits(fixture, request, tmp_path):
+    """F32 (exact: F32 KV, no flash attention), Q4_K_M (llama.cpp's default F16 KV) and ONNX."""
+    folder = request.getfixturevalue(fixture)
+    opener = open_onnx if fixture.startswith("onnx") else open_gguf
+    cold, warm = _engine_numbers(opener, folder, tmp_path)
     for a, b in zip(cold, warm):
         np.testing.assert_array_equal(a, b)
 
