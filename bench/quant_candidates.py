@@ -70,6 +70,8 @@ def convert(src: Path, folder: Path, fmt: str, quant: str, options: dict, calibr
     if fmt == "onnx":
         from huatuo_lite.convert.onnx.export import export_onnx
 
+        if quant == "int4":      # a candidate names what it changes; the rest is plain int4, not the default
+            options = {"keep_int8": "none", "embed_quant": "int4", **options}
         export_onnx(src, folder, quant=quant, calibration=calibration if calibrated else None, **options)
     else:
         from huatuo_lite.convert.gguf.export import export_gguf
