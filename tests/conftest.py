@@ -5,6 +5,8 @@ fixtures) are in tests/support/ and are imported by name."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -13,6 +15,11 @@ for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HUATUO_LITE_NO_NOTICE", "1")
+# The persistent prefix/feature cache of a test run lives and dies with the run, never in the
+# user's ~/.cache/huatuo-lite/cache (tests that need their own point HUATUO_LITE_CACHE elsewhere).
+OWN_CACHE = None if "HUATUO_LITE_CACHE" in os.environ else tempfile.mkdtemp(prefix="huatuo-test-cache-")
+if OWN_CACHE:
+    os.environ["HUATUO_LITE_CACHE"] = OWN_CACHE
 
 
 def pytest_addoption(parser):
@@ -24,6 +31,11 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--long"):
         os.environ["HUATUO_LITE_LONG"] = "1"       # read by the fuzz modules for their example counts
+
+
+def pytest_unconfigure(config):
+    if OWN_CACHE:
+        shutil.rmtree(OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
