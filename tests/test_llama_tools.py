@@ -308,3 +308,57 @@ def test_stock_mtmd_cli_usage_builds_our_prompt(gguf_7b_f32, square_images):
     assert prompt_evals == answer.prompt_tokens
     assert single_evals == generated - (answer.finish_reason == "length")
     assert done.stdout.strip() == ours
+
+
+MTMD_HANDLER_SCRIPT = """
+import base64, json, sys
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import MTMDChatHandler
+text, mmproj, n, *pairs = sys.argv[1:]
+handler = MTMDChatHandler(clip_model_path=mmproj, verbose=False, use_gpu=False)
+llm = Llama(text, chat_handler=handler, n_ctx=2048, n_threads=1, verbose=False)
+for image, question in zip(pairs[::2], pairs[1::2]):
+    url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}],
+        max_tokens=int(n), temperature=0.0, top_k=1, repeat_penalty=1.0)
+    print(json.dumps({"text": out["choices"][0]["message"]["content"], "usage": out["usage"]}))
+"""
+
+
+@requires_tools
+@pytest.mark.skipif(not (DEMO / "gguf").is_dir(), reason="models/demo is not in this checkout")
+def test_mtmd_chat_handler_with_the_fixed_library_answers_like_our_backend():
+    """llama-cpp-python's own MTMDChatHandler, loading the patched libllama/libmtmd of build/bin
+    (LLAMA_CPP_LIB_PATH / MTMD_CPP_LIB), renders the demo GGUF's embedded template, evaluates as
+    many prompt tokens as huatuo-lite and answers the demo's first eval questions with the same
+    greedy text (penalty off on both sides: llama-cpp-python's also counts prompt tokens,
+    upstream's only generated ones). The letters come from a trained model; the image features'
+    equality itself is the self-test's (the demo is robust enough that even stock libmtmd, min
+    cosine 0.97 on it, gives these six letters)."""
+    from huatuo_lite.eval.run import build_prompt
+    from huatuo_lite.generate import run
+
+    items = json.loads((DEMO / "eval" / "eval.json").read_text(encoding="utf-8"))[:6]
+    pairs = [(str(DEMO / "eval" / item["image"][0]), build_prompt(item["question"], item["options"]))
+             for item in items]
+    files = _files(DEMO / "gguf")
+    done = subprocess.run([sys.executable, "-c", MTMD_HANDLER_SCRIPT, str(files["text"]), str(files["mmproj"]),
+                           str(N_PREDICT), *[x for pair in pairs for x in pair]],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, env=lib_env(native_lib_dir()))
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = [json.loads(line) for line in done.stdout.strip().splitlines()[-len(pairs):]]
+    engine = open_gguf(DEMO / "gguf")
+    try:
+        config = GenerationConfig(temperature=0.0, repetition_penalty=1.0, max_new_tokens=N_PREDICT)
+        for (image, question), handler, item in zip(pairs, theirs, items):
+            generation = run(engine, [image], question, config=config)
+            for _ in generation:
+                pass
+            answer = generation.answer
+            print(item["id"], {"handler": (handler["usage"]["prompt_tokens"], handler["text"]),
+                               "ours": (answer.prompt_tokens, answer.text)})
+            assert handler["usage"]["prompt_tokens"] == answer.prompt_tokens, item["id"]
+            assert handler["text"].strip() == answer.text.strip() != "", item["id"]
+    finally:
+        engine.close()
