@@ -149,16 +149,8 @@ def gguf_7b_q4_k_m(tiny_7b, tmp_path_factory):
 
 # The fp32 ONNX export of the 7B (was tests/fixtures_onnx.py; the other exports are in
 # tests/convert/onnx/conftest.py, the only folder that uses them).
-def _export_onnx(src, tmp_path_factory, label, **options):
-    for module in ("torch", "onnx", "onnxruntime"):
-        pytest.importorskip(module)
-    from huatuo_lite.convert.onnx.export import export_onnx
-
-    out = tmp_path_factory.mktemp(f"onnx-{label}")
-    export_onnx(src, out, **options)
-    return out
-
-
 @pytest.fixture(scope="session")
 def onnx_7b(tiny_7b, tmp_path_factory):
-    return _export_onnx(tiny_7b, tmp_path_factory, "7b-fp32", quant="fp32")
+    from support.engines import export_onnx_once
+
+    return export_onnx_once(tiny_7b, tmp_path_factory, "7b-fp32", quant="fp32")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ from huatuo_lite.openai_compat import OPTION_NAMES, messages_to_turns  # noqa: E
 from huatuo_lite.server.policy import ApiError, ServerSettings, check_messages, confine_image_paths
 from huatuo_lite.server.run import background_server
 from huatuo_lite.server.app import parse_request  # noqa: E402
+from support.server_http import raw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "models" / "demo" / "gguf"
@@ -175,21 +174,8 @@ def demo_server(path_settings):
             yield url
 
 
-def post(url: str, body: bytes) -> tuple[int, object]:
-    request = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            status, text = response.status, response.read().decode()
-    except urllib.error.HTTPError as err:
-        status, text = err.code, err.read().decode()
-    try:
-        return status, json.loads(text)
-    except ValueError:
-        return status, text                 # a stream: SSE text
-
-
 def check_http(url: str, body: bytes) -> None:
-    status, answer = post(url, body)
+    status, answer = raw(url + "/v1/chat/completions", body, key=None, timeout=120)
     assert status < 500, (status, answer, body[:300])
     if status >= 400:
         assert set(answer["error"]) == {"message", "type", "param", "code"}, answer

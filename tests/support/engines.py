@@ -52,3 +52,15 @@ def random_pixels(n: int, seed: int = 0) -> np.ndarray:
     shapes = [(300, 420), (336, 336), (500, 260)]
     return preprocess([Image.fromarray(rng.integers(0, 256, (*shapes[i % 3], 3), dtype=np.uint8))
                        for i in range(n)])
+
+
+def export_onnx_once(src, tmp_path_factory, label, **options):
+    """export_onnx(src) into a fresh session folder (the ONNX fixtures of tests/conftest.py and
+    tests/convert/onnx/conftest.py); skips where the converter's packages are missing."""
+    for module in ("torch", "onnx", "onnxruntime"):
+        pytest.importorskip(module)
+    from huatuo_lite.convert.onnx.export import export_onnx
+
+    out = tmp_path_factory.mktemp(f"onnx-{label}")
+    export_onnx(src, out, **options)
+    return out

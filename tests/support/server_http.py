@@ -26,14 +26,14 @@ def user(text, *urls):
     return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
 
 
-def raw(url, body=None, key=KEY, method=None, headers=None):
+def raw(url, body=None, key=KEY, method=None, headers=None, timeout=60):
     """(status, parsed JSON or text) of one plain HTTP request."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
                **(headers or {})}
     request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             status, text = response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         status, text = err.code, err.read().decode()

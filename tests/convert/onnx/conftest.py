@@ -8,15 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-
-def _export(src, tmp_path_factory, label, **options):
-    for module in ("torch", "onnx", "onnxruntime"):
-        pytest.importorskip(module)
-    from huatuo_lite.convert.onnx.export import export_onnx
-
-    out = tmp_path_factory.mktemp(f"onnx-{label}")
-    export_onnx(src, out, **options)
-    return out
+from support.engines import export_onnx_once as _export
 
 
 @pytest.fixture(scope="session")
