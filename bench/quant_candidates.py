@@ -1,8 +1,9 @@
 """4-bit candidates side by side: convert the demo (or any upstream folder) with every
 candidate, run `eval --compare` against the torch reference, print one table.
 
-    python bench/quant_candidates.py models/demo/checkpoint VAL/eval.json OUT \\
-        --calibration TRAIN_conversations.json [--only onnx|gguf] [--candidates a,b]
+    python bench/quant_data.py DATA      # the validation split and calibration records (seed 0)
+    python bench/quant_candidates.py models/demo/checkpoint DATA/val/eval/eval.json OUT \\
+        --calibration DATA/train_conversations.json [--only onnx|gguf] [--candidates a,b]
 
 Columns: accuracy, Δ vs reference (points), agreement with the reference's letter,
 mean first-token KL(reference || candidate), size of the language model's files
