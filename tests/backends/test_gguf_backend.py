@@ -93,11 +93,27 @@ def test_f32_all_logits_and_generation_loop(engines, torch_7b):
     assert len(set(answers[0][0])) > 3   # the penalty makes it a real continuation
 
 
+# F16 weights move a logit by ~1e-3 of its size; where the fp32 reference's two best tokens are
+# closer than this, which one wins depends on the llama.cpp build's kernels (the portable wheel
+# and a -march=native source build chose differently here, 1 question in 3).
+NEAR_TIE = 0.05
+
+
 def test_f16_greedy_identical(engines, torch_7b):
+    """F16 answers the fp32 reference's greedy tokens one for one, up to the first near-tie of
+    the reference (top two logits within NEAR_TIE), after which the two may part."""
     engine = engines("gguf_7b_f16")
     for question in QUESTIONS:
         ours = greedy(engine, gguf_segments(engine, [], question))
-        assert ours == greedy(torch_7b, gguf_segments(torch_7b, [], question)), question
+        prompt = gguf_segments(torch_7b, [], question)[0]
+        theirs = greedy(torch_7b, [prompt])
+        if ours == theirs:
+            continue
+        k = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        logits = torch_7b.prefill([list(prompt) + theirs[:k]])        # the reference at the first difference
+        margin = float(logits[theirs[k]] - logits[ours[k]])
+        print(f"{question!r}: parted at token {k}, reference margin {margin:.4f}")
+        assert 0 <= margin < NEAR_TIE, (question, k, margin)
 
 
 def _teacher_forced(engine, ref, question):
