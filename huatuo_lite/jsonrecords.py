@@ -1,4 +1,5 @@
-"""Read a dataset file that holds a JSON list of records (eval or PubMedVision format)."""
+"""Read JSON files a user hands us: a dataset file that holds a JSON list of records (eval or
+PubMedVision format), or a config file that holds one JSON object."""
 from __future__ import annotations
 
 import json
@@ -27,3 +28,17 @@ def read_record_list(path: Path, kind: str, what_to_give: str) -> list:
     if not isinstance(records, list):
         raise HuatuoError(f"{path} must hold a JSON list of records.")
     return records
+
+
+def read_json_object(path: Path, fix: str, error: type[HuatuoError] = HuatuoError) -> dict:
+    """The JSON object in `path` (config.json, tokenizer_config.json, ...); one sentence ending
+    in `fix` (what to do) if it cannot be read, is not JSON or holds no object."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise error(f"{path} is not readable JSON ({reason}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} does not hold a JSON object; {fix}.")
+    return data

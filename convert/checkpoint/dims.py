@@ -8,7 +8,6 @@ transformers' defaults for that model type, as transformers itself would
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.families.llava import VISION_SELECT_LAYER
 from huatuo_lite.families.text import TEXT_ARCHS
+from huatuo_lite.jsonrecords import read_json_object
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 PROJECTOR_PREFIX = "model.mm_projector."
@@ -120,10 +120,7 @@ def read_vit_config(root: Path) -> dict:
     path = root / VIT_CONFIG
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelFormatError(f"{path} is not readable JSON ({err}); re-download the vit/ folder.") from None
+    data = read_json_object(path, "re-download the vit/ folder", ModelFormatError)
     return data.get("vision_config", data)
 
 

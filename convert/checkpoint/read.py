@@ -28,7 +28,6 @@ Dimensions: convert/checkpoint/dims.py. Weight files: convert/checkpoint/files.p
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +39,7 @@ from .dims import (HF_PROJECTOR_KINDS, PROJECTOR_PREFIX, VISION_PREFIX, Projecto
                               TextConfig, VisionConfig, check_widths, projector_config,
                               read_vit_config, text_config, vision_config)
 from .files import TensorEntry, find_weights, iter_file_tensors, load_tensor
+from huatuo_lite.jsonrecords import read_json_object
 
 # Canonical prefix -> prefix in the -hf layouts. Old: transformers < 4.52 (the
 # 2024 -hf conversion); new: transformers >= 4.52 (save_pretrained today).
@@ -137,13 +137,7 @@ def _read_config(root: Path) -> dict:
     if not path.is_file():
         raise ModelFormatError(f"{root} is not a model folder: no config.json (point at the folder "
                                "that holds config.json and the *.safetensors files).")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelFormatError(f"{path} is not readable JSON ({err}); re-download it.") from None
-    if not isinstance(config, dict):
-        raise ModelFormatError(f"{path} does not hold a JSON object; re-download it.")
-    return config
+    return read_json_object(path, "re-download it", ModelFormatError)
 
 
 def _variant(config: dict, root: Path):

@@ -18,10 +18,10 @@ tiny 7B, 7B-hf and 34B: the same ids and token bytes as the 4.x folders they wer
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from huatuo_lite.errors import ModelFormatError
+from huatuo_lite.jsonrecords import read_json_object
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -31,13 +31,7 @@ def tokenizer_config(folder: Path) -> dict:
     path = Path(folder) / TOKENIZER_CONFIG
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ModelFormatError(f"{path} is not readable JSON ({err}); download the tokenizer files again.") from None
-    if not isinstance(data, dict):
-        raise ModelFormatError(f"{path} is not a JSON object; download the tokenizer files again.")
-    return data
+    return read_json_object(path, "download the tokenizer files again", ModelFormatError)
 
 
 def written_by_transformers5(config: dict) -> bool:

@@ -8,13 +8,13 @@ and checkpoint_writer writes the source's own layout, names and dtype.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from huatuo_lite.errors import HuatuoError
 
 from ..checkpoint.read import open_checkpoint
 from ..checkpoint.writer import write_checkpoint
+from huatuo_lite.jsonrecords import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 LEFTOVER_MARKERS = ("lora_", "base_layer", "modules_to_save", "original_module")
@@ -25,10 +25,7 @@ def _check_adapter(adapter_dir: Path) -> dict:
     if not path.is_file():
         raise HuatuoError(f"{adapter_dir} is not a LoRA adapter folder (no {ADAPTER_CONFIG}); point at the "
                           "output folder of `huatuo-lite train --mode lora|qlora`.")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise HuatuoError(f"{path} is not readable JSON ({err}); train the adapter again.") from None
+    return read_json_object(path, "train the adapter again")
 
 
 def merged_model(adapter_dir, ckpt, dtype=None):
