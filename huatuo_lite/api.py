@@ -22,6 +22,7 @@ from .errors import HuatuoError
 from .generate import Answer, run
 from .prompt import Turn
 from .generate import generation_config
+from .families import generation_defaults
 
 CLOSED = "This model was closed; load it again with huatuo_lite.load(...)."
 
@@ -67,7 +68,7 @@ class HuatuoVision:
     def _start(self, images, question, history, gen, history_images=()):
         if self.engine is None:
             raise HuatuoError(CLOSED)
-        return run(self.engine, as_image_list(images), question, history, generation_config(**gen),
+        return run(self.engine, as_image_list(images), question, history, generation_config(generation_defaults(self.engine), **gen),
                    history_images=history_images, cache=self.feature_cache)
 
     @property

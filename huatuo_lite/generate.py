@@ -16,9 +16,9 @@ import numpy as np
 
 from .image import load as image_mod
 from . import prompt as prompt_mod
-from .backends.base import Engine, ImageEmbeds, segments_length
+from .backends.base import Engine, ImageEmbeds, position_keys, segments_length
 from .cache import FeatureCache, prefix_segments
-from .families.llava import GenerationConfig
+from .families import family_of
 from .sampler import Sampler
 from .families.llava import GENERATION_DEFAULTS, GenerationConfig
 
@@ -62,12 +62,21 @@ class Answer:
         return data
 
 
+def image_fit(engine: Engine):
+    """How the engine's family brings an image to its input size (image/load.py FITS),
+    with the model's own min/max pixels where it records them."""
+    fit = image_mod.FITS[family_of(engine).NAME]
+    pixels = getattr(engine, "image_pixels", None)
+    return (lambda img: fit(img, *pixels)) if pixels else fit
+
+
 def encode_images(engine: Engine, images: Sequence, cache: FeatureCache | None = None) -> list[ImageEmbeds]:
-    """Load, preprocess ([N,3,336,336]) and encode ([N,576,H]) the images; images
-    already in `cache` (same preprocessed pixels) are not encoded again."""
+    """Load, preprocess (LLaVA: [3,336,336] each; Qwen2.5-VL: [3,h,w], h and w multiples of 28)
+    and encode ([T, H] each: 576 rows, or (h/28)*(w/28)) the images; images already in
+    `cache` (same preprocessed pixels) are not encoded again."""
     if not images:
         return []
-    pixels = image_mod.load_request(images)   # budgets checked before any decoding
+    pixels = image_mod.load_request(images, image_fit(engine))   # budgets checked before any decoding
     keys = [image_mod.image_digest(p) for p in pixels]
     found = {}
     for key in dict.fromkeys(keys):                       # unique, in order
@@ -76,12 +85,15 @@ def encode_images(engine: Engine, images: Sequence, cache: FeatureCache | None =
             found[key] = cached
     todo = [key for key in dict.fromkeys(keys) if key not in found]
     if todo:
-        features = engine.encode_images(pixels[[keys.index(k) for k in todo]])
+        batch = [pixels[keys.index(k)] for k in todo]
+        same_size = len({p.shape for p in batch}) == 1
+        features = engine.encode_images(np.stack(batch) if same_size else batch)
         for key, rows in zip(todo, features):
             found[key] = np.ascontiguousarray(rows, dtype=np.float32)
             if cache is not None:
                 cache.store(engine, key, found[key])
-    return [ImageEmbeds(found[k], key=k) for k in keys]
+    grid_of = family_of(engine).grid_of
+    return [ImageEmbeds(found[k], key=k, grid=grid_of(p)) for k, p in zip(keys, pixels)]
 
 
 class Generation:
@@ -91,15 +103,17 @@ class Generation:
                  config: GenerationConfig, encode_seconds: float = 0.0, cache: FeatureCache | None = None):
         self.engine, self.config, self.cache = engine, config, cache
         # Turns, not joined text: upstream tokenizes each turn's pieces on their own.
-        self.segments = prompt_mod.build_segments(turns, engine.tokenize, image_embeds)
+        self.facts = family_of(engine)
+        self.segments = prompt_mod.build_segments(turns, engine.tokenize, image_embeds, self.facts.NAME)
         self.prompt_tokens = segments_length(self.segments)
-        prompt_mod.check_fits(self.prompt_tokens, config.max_new_tokens, engine.n_ctx)
+        per_image = ", ".join(str(len(e.features)) for e in image_embeds) + " for the images" if image_embeds else None
+        prompt_mod.check_fits(self.prompt_tokens, config.max_new_tokens, engine.n_ctx, per_image)
         self.timings = {"image_encode_s": encode_seconds}
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        sampler, pieces, finish = Sampler(self.config), [], "length"
+        sampler, pieces, finish = Sampler(self.config, self._penalised_prompt()), [], "length"
         start = time.perf_counter()
         logits = self._prefill()
         prefill_done = time.perf_counter()
@@ -120,6 +134,14 @@ class Generation:
             pieces.append(tail)
             yield tail
         self._finish("".join(pieces), sampler.generated, finish, start, prefill_done)
+
+    def _penalised_prompt(self) -> list:
+        """The prompt ids the repetition penalty sees: none (LLaVA upstream passes embeddings),
+        or all of them with the image pad id at image positions (HF generate on input_ids)."""
+        if not self.facts.PENALIZE_PROMPT:
+            return []
+        pad = self.engine.tokenize(self.facts.IMAGE_PAD)
+        return [k if isinstance(k, int) else pad[0] for k in position_keys(self.segments)]
 
     def _prefill(self) -> np.ndarray:
         """Prefill the prompt; with a disk cache, the prefix holding the images first:
@@ -167,7 +189,7 @@ def run(engine: Engine, images: Sequence, question: str, history: Sequence = (),
 def run_turns(engine: Engine, turns: Sequence, images: Sequence,
               config: GenerationConfig | None = None, cache: FeatureCache | None = None) -> Generation:
     """Prepare the answer to the last (open) turn of a conversation."""
-    prompt_mod.validate(turns)
+    prompt_mod.validate(turns, family_of(engine).NAME)
     start = time.perf_counter()
     embeds = encode_images(engine, images, cache)
     return Generation(engine, list(turns), embeds, config or GenerationConfig(), time.perf_counter() - start,
@@ -180,6 +202,7 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def generation_config(**options) -> GenerationConfig:
-    """Upstream defaults with the given (non-None) options replaced."""
-    return GENERATION_DEFAULTS.with_overrides(**options)
+def generation_config(defaults: GenerationConfig | None = None, **options) -> GenerationConfig:
+    """The model's defaults (`families.generation_defaults(engine)`; upstream LLaVA's when
+    not given) with the given (non-None) options replaced."""
+    return (defaults or GENERATION_DEFAULTS).with_overrides(**options)

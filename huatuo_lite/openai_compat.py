@@ -156,15 +156,16 @@ def messages_to_turns(messages) -> tuple[list, list]:
 def chat_completion(model, messages, stream: bool, options: dict):
     """Run the conversation; an OpenAI-shaped response or chunk iterator.
     options: OpenAI generation options, plus stream_options={"include_usage": bool}."""
-    from .generate import generation_config
-    from .generate import run_turns
+    from .families import generation_defaults
+    from .generate import generation_config, run_turns
 
     turns, images = messages_to_turns(messages)
     include_usage = bool((options.get("stream_options") or {}).get("include_usage"))
     gen = {OPTION_NAMES[k]: v for k, v in options.items() if k in OPTION_NAMES and v is not None}
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name(model)}
     with model.lock:
-        generation = run_turns(model.engine, turns, images, generation_config(**gen), model.feature_cache)
+        generation = run_turns(model.engine, turns, images, generation_config(generation_defaults(model.engine), **gen),
+                               model.feature_cache)
         if not stream:
             for _ in generation:
                 pass

@@ -26,6 +26,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from .families import llava as family
+from .families import family_module
 from .backends.base import ImageEmbeds, Segment
 from .errors import PromptError
 
@@ -53,29 +54,31 @@ class Piece:
 
 
 # ---------------------------------------------------------- validation ----
-def validate(turns: Sequence[Turn]) -> None:
+def validate(turns: Sequence[Turn], family_name: str | None = None) -> None:
     """Refuse a conversation upstream could not run sensibly, with one sentence."""
+    facts = family_module(family_name)
     if not turns:
         raise PromptError("There is no question to answer: ask a question.")
     for index, turn in enumerate(turns):
-        _check_turn(turn, is_last=index == len(turns) - 1)
+        _check_turn(turn, is_last=index == len(turns) - 1, facts=facts)
     total = count_images(turns)
-    if total > family.MAX_IMAGES:
+    if total > facts.MAX_IMAGES:
         raise PromptError(
             f"The conversation has {total} images but the model takes at most "
-            f"{family.MAX_IMAGES}: use fewer images or start a new conversation.")
+            f"{facts.MAX_IMAGES}: use fewer images or start a new conversation.")
 
 
-def _check_turn(turn: Turn, is_last: bool) -> None:
+def _check_turn(turn: Turn, is_last: bool, facts=family) -> None:
     if not isinstance(turn.question, str) or not moderate(turn.question).strip():
         raise PromptError("The question is empty: type a question.")
     if not is_utf8_text(turn.question):
         raise PromptError("The question is not valid UTF-8 text (it holds undecodable bytes): "
                           "type it again or set the terminal to UTF-8.")
-    if family.IMAGE_PLACEHOLDER in turn.question:
+    marker = facts.reserved_in(turn.question)
+    if marker is not None:
         raise PromptError(
-            f"The question contains the text {family.IMAGE_PLACEHOLDER!r}, which marks where "
-            "image features go: remove it and pass the images separately.")
+            f"The question contains the text {marker!r}, which {facts.RESERVED_MEANING}: "
+            "remove it and pass the images separately.")
     if not isinstance(turn.n_images, int) or turn.n_images < 0:
         raise PromptError(f"A turn cannot have {turn.n_images!r} images: use a count of 0 or more.")
     if is_last and turn.answer is not None:
@@ -172,14 +175,33 @@ def prompt_token_layout(prompt: Union[Sequence[Turn], str], tokenize: Tokenize,
     return ids
 
 
+def chatml_token_layout(turns: Sequence[Turn], tokenize: Tokenize) -> list[int]:
+    """Qwen2.5-VL: the chat template's text (families.qwen25vl.render), IMAGE_SLOT where each
+    image's <|image_pad|> run goes. The pad sits between two special tokens, so tokenizing
+    the text between pads equals HF tokenizing the whole expanded text."""
+    from .families import qwen25vl
+
+    validate(turns, qwen25vl.NAME)
+    ids: list[int] = []
+    for index, chunk in enumerate(qwen25vl.render(turns).split(qwen25vl.IMAGE_PAD)):
+        if index:
+            ids.append(IMAGE_SLOT)
+        ids.extend(tokenize(chunk) if chunk else [])
+    return ids
+
+
+# family -> its prompt's token layout (IMAGE_SLOT per image)
+LAYOUTS = {"llava": prompt_token_layout, "qwen25vl": chatml_token_layout}
+
+
 def build_segments(prompt: Union[Sequence[Turn], str], tokenize: Tokenize,
-                   image_features: Sequence) -> list[Segment]:
+                   image_features: Sequence, family_name: str | None = None) -> list[Segment]:
     """Prompt -> [token ids, ImageEmbeds, token ids, ...] for Engine.prefill.
 
     image_features: one ImageEmbeds (or float32 [T, H] array) per image, in
     the order their placeholders appear. Empty text runs are left out.
     """
-    layout = prompt_token_layout(prompt, tokenize)
+    layout = LAYOUTS[family_name or family.NAME](prompt, tokenize)
     n_slots = layout.count(IMAGE_SLOT)
     if n_slots != len(image_features):
         raise PromptError(
@@ -208,12 +230,12 @@ def _as_embeds(features) -> ImageEmbeds:
 
 
 # -------------------------------------------------------------- context ----
-def check_fits(n_prompt_tokens: int, max_new_tokens: int, n_ctx: int) -> None:
+def check_fits(n_prompt_tokens: int, max_new_tokens: int, n_ctx: int, per_image: str | None = None) -> None:
     """Refuse a prompt that leaves no room for max_new_tokens in the context."""
     overflow = n_prompt_tokens + max_new_tokens - n_ctx
     if overflow <= 0:
         return
-    per_image = f"{family.IMAGE_TOKENS} per image"
+    per_image = per_image or f"{family.IMAGE_TOKENS} per image"
     if n_prompt_tokens >= n_ctx:
         raise PromptError(
             f"The prompt takes {n_prompt_tokens} tokens ({per_image}), "

@@ -19,10 +19,13 @@ from .families.llava import GenerationConfig
 class Sampler:
     """Picks the next token from float32 logits [V]; one instance per answer."""
 
-    def __init__(self, config: GenerationConfig):
+    def __init__(self, config: GenerationConfig, prompt_ids=()):
         self.config = config
         self.rng = np.random.default_rng(config.seed)
         self.generated: list[int] = []
+        # ids the penalty sees besides the generated ones (a family whose upstream calls
+        # generate(input_ids=...), so HF penalises the prompt's tokens too)
+        self.prompt_ids = [int(i) for i in prompt_ids]
 
     def __call__(self, logits: np.ndarray) -> int:
         scores = self._penalised(np.asarray(logits, dtype=np.float32))
@@ -32,10 +35,10 @@ class Sampler:
 
     def _penalised(self, scores: np.ndarray) -> np.ndarray:
         penalty = self.config.repetition_penalty
-        if penalty == 1.0 or not self.generated:
+        if penalty == 1.0 or not (self.generated or self.prompt_ids):
             return scores
         scores = scores.copy()
-        seen = np.unique(np.asarray(self.generated, dtype=np.int64))
+        seen = np.unique(np.asarray(self.prompt_ids + self.generated, dtype=np.int64))
         picked = scores[seen]
         scores[seen] = np.where(picked < 0, picked * penalty, picked / penalty)
         return scores

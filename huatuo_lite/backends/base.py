@@ -26,6 +26,9 @@ class ImageEmbeds:
 
     features: np.ndarray
     key: str | None = None
+    # (rows, cols) of the merged feature grid where the family's positions depend on
+    # it (qwen25vl: 3-D M-RoPE positions); None for the LLaVA family's 1-D positions
+    grid: tuple | None = None
 
     def content_key(self) -> str:
         if self.key is not None:
@@ -71,6 +74,17 @@ def segments_length(segments: Sequence[Segment]) -> int:
     return sum(len(s.features) if isinstance(s, ImageEmbeds) else len(s) for s in segments)
 
 
+def mrope_positions(segments: Sequence[Segment], start: int = 0) -> tuple[np.ndarray, int]:
+    """3-D positions int64 [3, L] of a prompt (families.qwen25vl's rule) and the next
+    position; images must carry their grid."""
+    from ..families.qwen25vl import Span, positions
+
+    spans = [Span(len(s.features), s.grid) if isinstance(s, ImageEmbeds) else Span(len(s)) for s in segments]
+    if any(isinstance(s, ImageEmbeds) and s.grid is None for s in segments):
+        raise ValueError("an image segment has no grid: 3-D positions need each image's (rows, cols)")
+    return positions(spans, start)
+
+
 def position_keys(segments: Sequence[Segment]) -> list:
     """One hashable key per prompt position: the token id, or (image key, row)."""
     keys: list = []
@@ -102,7 +116,7 @@ def drop_positions(segments: Sequence[Segment], n: int) -> list:
             n -= size
             continue
         if isinstance(seg, ImageEmbeds):
-            out.append(ImageEmbeds(seg.features[n:], seg.key))
+            out.append(ImageEmbeds(seg.features[n:], seg.key, seg.grid))
         else:
             out.append(list(seg[n:]))
         n = 0

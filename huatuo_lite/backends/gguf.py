@@ -16,9 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import HuatuoError, ModelFormatError, PromptError
-from ..families.llava import CONTEXT_LENGTH
+from ..families import family_module
 from ..manifest import check_sizes, files_with_role, read_manifest
-from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, position_keys,
+from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, mrope_positions, position_keys,
                    segments_length)
 from .state import file_identity, segment_boundary
 from .vision_onnx import OnnxVisionEncoder
@@ -125,12 +125,20 @@ class GgufEngine:
             raise ModelFormatError(f"{folder} holds a {manifest.get('format')} model, not GGUF; "
                                    "use --backend onnx or convert with `huatuo-lite convert gguf`.")
         text = manifest["text"]
+        self.family = manifest.get("family", "llava")
+        facts = family_module(self.family)
+        # qwen25vl: 3-D (M-RoPE) positions; its checkpoint's own sampling defaults and image bounds
+        self._mrope = self.family == "qwen25vl"
+        self.generation_defaults = _generation_defaults(facts, manifest.get("generation"))
+        image = manifest.get("image") or {}
+        self.image_pixels = (image["min_pixels"], image["max_pixels"]) if "max_pixels" in image else None
         self.hidden_size = int(text["n_embd"])
         self.text_path = _pick_text(folder, manifest, quant)
         # the width check first: a swapped-in mmproj gets the sentence naming it, not "replaced"
         self.mmproj_path = _check_mmproj(folder, manifest, self.hidden_size)
         check_sizes(folder, manifest)
-        self.n_ctx = int(n_ctx or min(text.get("n_ctx") or CONTEXT_LENGTH, CONTEXT_LENGTH))
+        limit = facts.CONTEXT_LENGTH
+        self.n_ctx = int(n_ctx or min(text.get("n_ctx") or limit, limit))
         self.eos_token_ids = frozenset(int(i) for i in text.get("eos_token_ids", []))
         self.threads = threads
         self._model = self._ctx = self._images = None
@@ -145,10 +153,11 @@ class GgufEngine:
         self._identity_parts = (folder, manifest, exact, gpu_layers)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._tokens = Batch(N_BATCH)
-        self._embeds = Batch(N_BATCH, self.hidden_size)
+        self._embeds = Batch(N_BATCH, self.hidden_size, n_pos_per_embd=4 if self._mrope else 1)
         self._batches = [self._tokens, self._embeds]
         self._images = self._image_encoder(folder, manifest, gpu_layers)
-        self._pos = 0
+        self._pos = 0                  # rows in the KV cache
+        self._next_pos = 0             # the position the next token takes (== _pos unless M-RoPE)
         self._cached_keys: list = []   # position keys of what the KV cache holds
         self.reused_positions = 0      # how many prompt positions the last prefill reused
 
@@ -159,6 +168,27 @@ class GgufEngine:
                                    f"{self.hidden_size}: the folder mixes files of two models; convert again.")
 
     def _image_encoder(self, folder: Path, manifest: dict, gpu_layers: int):
+        return {"llava": self._llava_images, "qwen25vl": self._mtmd_images}[self.family](folder, manifest, gpu_layers)
+
+    def _mtmd_images(self, folder: Path, manifest: dict, gpu_layers: int):
+        """libmtmd, trusted only on the self-test the conversion ran against the torch reference
+        with this very llama-cpp-python (the runtime has no reference to test against)."""
+        import llama_cpp
+
+        from .gguf_mtmd import MtmdEncoder
+
+        self._vision_path = None
+        verdict = manifest.get("mtmd_self_test") or {}
+        if self.mmproj_path is None:
+            return None
+        if not verdict.get("passed") or verdict.get("llama_cpp_python") != llama_cpp.__version__:
+            raise ModelFormatError(
+                f"{folder} was not proven to read images with this llama.cpp (llama-cpp-python "
+                f"{llama_cpp.__version__}; the conversion's self-test: {verdict or 'none'}): convert the model "
+                "again with `huatuo-lite convert gguf` to re-run the self-test.")
+        return MtmdEncoder(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers != 0)
+
+    def _llava_images(self, folder: Path, manifest: dict, gpu_layers: int):
         """libmtmd when its self-test passed with this llama.cpp, else vision.onnx (None: text only)."""
         from .gguf_mtmd import MtmdEncoder, mtmd_trusted
 
@@ -197,7 +227,17 @@ class GgufEngine:
             raise ModelFormatError(f"{self.text_path.parent} has no vision.onnx, so it cannot read images "
                                    "(this llama.cpp's own image path fails its self-test); convert the model "
                                    "again with `huatuo-lite convert gguf`.")
-        return self._images.encode(pixel_values)
+        features = self._images.encode(pixel_values)
+        if self._mrope:   # libmtmd must have kept our size: the positions follow (h/28)*(w/28)
+            from ..families.qwen25vl import image_tokens
+
+            for pixels, rows in zip(pixel_values, features):
+                if len(rows) != image_tokens(np.asarray(pixels)):
+                    raise ModelFormatError(
+                        f"llama.cpp's image path gave {len(rows)} features for a {pixels.shape[2]}x"
+                        f"{pixels.shape[1]} image where the model takes {image_tokens(np.asarray(pixels))}: "
+                        "this llama.cpp resizes differently; convert the model again to re-run the self-test.")
+        return features
 
     # ------------------------------------------------------------ decoding ----
     def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
@@ -213,24 +253,30 @@ class GgufEngine:
         # Only whole segments are kept: each segment is fed as its own batches, so the kept
         # rows and the rest are the numbers of a cold prefill (same batches, same KV).
         keep = 0 if all_logits else segment_boundary(segments, common_prefix(self._cached_keys, keys))
-        if keep == 0 or not self._llama.llama_memory_seq_rm(self._memory, 0, keep, -1):
+        positions, next_pos = mrope_positions(segments) if self._mrope else (None, total)
+        # M-RoPE: a KV row's position is its time position, which images do not advance per row
+        cut = keep if positions is None else int(positions[0][keep])
+        if keep == 0 or not self._llama.llama_memory_seq_rm(self._memory, 0, cut, -1):
             self._llama.llama_memory_clear(self._memory, True)
             keep = 0
         self._pos, self._cached_keys, self.reused_positions = keep, keys[:keep], keep
         rows = []
         for seg in drop_positions(segments, keep):
-            rows.extend(self._feed(seg, all_logits, last=self._pos + _seg_len(seg) == total))
-        self._cached_keys = keys          # only once every position is in the cache
+            rows.extend(self._feed(seg, all_logits, last=self._pos + _seg_len(seg) == total, positions=positions))
+        self._cached_keys, self._next_pos = keys, next_pos   # only once every position is in the cache
         return np.stack(rows) if all_logits else rows[-1]
 
     def step(self, token_id: int) -> np.ndarray:
         if self._pos >= self.n_ctx:
             raise PromptError(f"The answer reached the context length ({self.n_ctx} tokens); use a larger --n-ctx.")
-        logits = self._feed([token_id], False, last=True)[-1]
+        here = np.full((3, self._pos + 1), self._next_pos, np.int64) if self._mrope else None
+        logits = self._feed([token_id], False, last=True, positions=here)[-1]
         self._cached_keys.append(int(token_id))
+        self._next_pos += 1
         return logits
 
-    def _feed(self, seg: Segment, all_logits: bool, last: bool) -> list:
+    def _feed(self, seg: Segment, all_logits: bool, last: bool, positions: np.ndarray | None = None) -> list:
+        """Decode one segment from row self._pos; `positions` int [3, L] of the whole prompt (M-RoPE)."""
         is_image = isinstance(seg, ImageEmbeds)
         values = seg.features if is_image else seg
         batch = self._embeds if is_image else self._tokens
@@ -240,7 +286,9 @@ class GgufEngine:
             want = np.zeros(len(chunk), bool)
             want[:] = all_logits
             want[-1] |= last and start + len(chunk) == n
-            batch.fill(self._pos, len(chunk), want, **({"embd": chunk} if is_image else {"tokens": chunk}))
+            here = None if positions is None else positions[:, self._pos:self._pos + len(chunk)]
+            batch.fill(self._pos, len(chunk), want, positions=here,
+                       **({"embd": chunk} if is_image else {"tokens": chunk}))
             rc = self._llama.llama_decode(self._ctx, batch.batch)
             if rc != 0:
                 raise HuatuoError(f"llama.cpp failed to decode (error {rc}); the context may be full.")
@@ -289,11 +337,13 @@ class GgufEngine:
         self._cached_keys, self._pos = [], 0
         buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
         read = self._llama.llama_state_seq_set_data(self._ctx, buf, len(payload), 0)
+        positions, next_pos = mrope_positions(segments) if self._mrope else (None, len(keys))
+        last = len(keys) - 1 if positions is None else int(positions[0].max())
         if (read != len(payload) or self._llama.llama_memory_seq_pos_min(self._memory, 0) != 0
-                or self._llama.llama_memory_seq_pos_max(self._memory, 0) != len(keys) - 1):
+                or self._llama.llama_memory_seq_pos_max(self._memory, 0) != last):
             self._llama.llama_memory_clear(self._memory, True)
             return False
-        self._cached_keys, self._pos = keys, len(keys)
+        self._cached_keys, self._pos, self._next_pos = keys, len(keys), next_pos
         return True
 
     def _logits(self, index: int) -> np.ndarray:
@@ -319,6 +369,15 @@ class GgufEngine:
             self.close()
         except Exception:
             pass
+
+
+def _generation_defaults(facts, recorded: dict | None):
+    """The family's defaults with what the conversion recorded from the checkpoint's
+    generation_config.json (unknown keys ignored: a newer converter may record more)."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(facts.GENERATION_DEFAULTS)}
+    return facts.GENERATION_DEFAULTS.with_overrides(**{k: v for k, v in (recorded or {}).items() if k in known})
 
 
 def _versions() -> dict:

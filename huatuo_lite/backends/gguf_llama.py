@@ -65,15 +65,25 @@ def new_context(model, n_ctx: int, threads: int, n_batch: int, exact: bool = Fal
 class Batch:
     """One reusable llama_batch of up to `capacity` tokens (ids) or embeddings (width n_embd)."""
 
-    def __init__(self, capacity: int, n_embd: int = 0):
+    def __init__(self, capacity: int, n_embd: int = 0, n_pos_per_embd: int = 1):
         import llama_cpp
 
         self._llama = llama_cpp
         self.capacity, self.n_embd = capacity, n_embd
         self.batch = llama_cpp.llama_batch_init(capacity, n_embd, 1)
+        # M-RoPE (qwen2vl): an embedding batch carries 4 positions per row, section-major
+        # (pos[j*n + i]: time, row, col, 0), as libmtmd's helper lays them out; the array
+        # llama_batch_init made holds `capacity`, so ours stands in until close().
+        self._own_pos = self._saved_pos = None
+        if n_embd and n_pos_per_embd > 1:
+            self._own_pos = (llama_cpp.llama_pos * (capacity * n_pos_per_embd))()
+            self._saved_pos = self.batch.pos
+            self.batch.pos = ctypes.cast(self._own_pos, type(self.batch.pos))
 
-    def fill(self, start_pos: int, n: int, want_logits: np.ndarray, tokens=None, embd=None) -> None:
-        """Positions start_pos.., sequence 0; logits where want_logits[i]."""
+    def fill(self, start_pos: int, n: int, want_logits: np.ndarray, tokens=None, embd=None,
+             positions: np.ndarray | None = None) -> None:
+        """Positions start_pos.. (or `positions` int [3, n]: time, row, col), sequence 0;
+        logits where want_logits[i]."""
         b = self.batch
         b.n_tokens = n
         if embd is not None:   # float32 [n, n_embd]
@@ -82,13 +92,21 @@ class Batch:
         for i in range(n):
             if tokens is not None:
                 b.token[i] = int(tokens[i])
-            b.pos[i] = start_pos + i
+            b.pos[i] = start_pos + i if positions is None else int(positions[0][i])
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
             b.logits[i] = bool(want_logits[i])
+        if positions is not None and self._own_pos is not None:
+            for section in (1, 2):
+                for i in range(n):
+                    b.pos[section * n + i] = int(positions[section][i])
+            for i in range(n):
+                b.pos[3 * n + i] = 0
 
     def close(self) -> None:
         if self.batch is not None:
+            if self._saved_pos is not None:
+                self.batch.pos = self._saved_pos
             self._llama.llama_batch_free(self.batch)
             self.batch = None
 

@@ -51,8 +51,10 @@ class MtmdEncoder:
         if not self.ctx:
             raise ModelFormatError(f"llama.cpp could not load the mmproj {mmproj}; convert the model again.")
 
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        return np.stack([self._encode_one(rgb) for rgb in pixels_to_rgb8(pixel_values)])
+    def encode(self, pixel_values):
+        """[N,3,S,S] (or a list of [3,h,w] of several sizes) -> [N,T,H] (or a list of [T_i,H])."""
+        out = [self._encode_one(pixels_to_rgb8(np.asarray(p)[None])[0]) for p in pixel_values]
+        return np.stack(out) if len({o.shape for o in out}) == 1 else out
 
     def _encode_one(self, rgb: np.ndarray) -> np.ndarray:
         m = self._mtmd

@@ -14,6 +14,8 @@ from numbers import Integral, Real
 from ..errors import HuatuoError
 from .text import LLAMA, QWEN2
 
+NAME = "llava"
+
 # ---------------------------------------------------------------- prompt ----
 # Upstream renders a turn as "<|user|>\n{images}{question}\n<|assistant|>\n" in
 # plain text: no system prompt, no BOS, and the tags are NOT special tokens.
@@ -24,6 +26,21 @@ IMAGE_LINE = IMAGE_PLACEHOLDER + "\n"  # one per image, at the front of the turn
 # An earlier turn's answer is followed by " \n" (sic: a space) upstream.
 ANSWER_SUFFIX = " \n"
 MAX_IMAGES = 6
+
+
+RESERVED_MEANING = "marks where image features go"
+
+
+def grid_of(pixels) -> None:
+    """Positions are 1-D: an image's feature grid does not enter them."""
+    return None
+
+
+def reserved_in(question: str) -> str | None:
+    """The placeholder text a question may not hold (upstream would delete it), or None."""
+    return IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in question else None
+
+
 CONTEXT_LENGTH = 4096  # tokenizer_model_max_length upstream
 
 # ----------------------------------------------------------------- image ----
@@ -115,6 +132,7 @@ def check_generation_option(name: str, value) -> None:
 
 
 GENERATION_DEFAULTS = GenerationConfig()
+PENALIZE_PROMPT = False   # upstream passes inputs_embeds only: the penalty never sees the prompt
 
 
 # -------------------------------------------------------------- variants ----

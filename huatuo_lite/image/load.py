@@ -164,15 +164,16 @@ def _from_pil(img: Image.Image) -> Image.Image:
 
 
 # ------------------------------------------------------------ requests ----
-def load_request(sources: Sequence) -> np.ndarray:
-    """All images of one request -> float32 [N, 3, S, S] (what preprocess returns).
+def load_request(sources: Sequence, fit=None):
+    """All images of one request -> float32 [N, 3, S, S] (what preprocess returns), or
+    with a family's `fit` (FITS), a list of float32 [3, h, w] (preprocess_list).
 
     Every image's header is read first and the request refused, before any pixel is
     decoded, when their padded squares exceed the request budget; then the images
     are decoded one at a time, so the peak memory is that of the largest one."""
     sources = [_read_once(source) for source in sources]
     limits.check_request([probe(source) for source in sources])
-    return preprocess(sources)
+    return preprocess(sources) if fit is None else preprocess_list(sources, fit)
 
 
 def _read_once(source):
@@ -303,19 +304,40 @@ def expand2square(img: Image.Image) -> Image.Image:
     return result
 
 
-def pixel_values(img: Image.Image) -> np.ndarray:
-    """One RGB image -> float32 [3, S, S] normalized pixels (S = family.IMAGE_SIZE)."""
+def fit_llava(img: Image.Image) -> Image.Image:
+    """LLaVA: pad to a square, then resize to family.IMAGE_SIZE (PIL bicubic, no reducing_gap,
+    as transformers' resize)."""
     side = family.IMAGE_SIZE
-    square = expand2square(img).resize((side, side), resample=Image.Resampling.BICUBIC)
+    return expand2square(img).resize((side, side), resample=Image.Resampling.BICUBIC)
+
+
+def fit_qwen25vl(img: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Qwen2.5-VL: no padding; resize to smart_resize's multiple of 28 px (PIL bicubic, as
+    Qwen2VLImageProcessor's slow path), the area within the model's min/max pixels."""
+    from ..families import qwen25vl
+
+    width, height = img.size
+    new_h, new_w = qwen25vl.smart_resize(height, width, min_pixels or qwen25vl.MIN_PIXELS,
+                                         max_pixels or qwen25vl.MAX_PIXELS)
+    return img.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+
+
+# family -> how an RGB image is brought to the model's input size (then normalized alike)
+FITS = {"llava": fit_llava, "qwen25vl": fit_qwen25vl}
+
+
+def pixel_values(img: Image.Image, fit=fit_llava) -> np.ndarray:
+    """One RGB image -> float32 [3, h, w] normalized pixels ([3, 336, 336] for LLaVA)."""
+    fitted = fit(img)
     # transformers rescales in float64 and casts to float32, then normalizes in float32.
-    scaled = (np.asarray(square).astype(np.float64) * family.RESCALE).astype(np.float32)
+    scaled = (np.asarray(fitted).astype(np.float64) * family.RESCALE).astype(np.float32)
     mean = np.asarray(family.IMAGE_MEAN, dtype=np.float32)
     std = np.asarray(family.IMAGE_STD, dtype=np.float32)
-    return ((scaled - mean) / std).transpose(2, 0, 1)   # [S, S, 3] -> [3, S, S]
+    return ((scaled - mean) / std).transpose(2, 0, 1)   # [h, w, 3] -> [3, h, w]
 
 
 def preprocess(images: Sequence | Image.Image) -> np.ndarray:
-    """Images (or any sources load_image accepts) -> float32 [N, 3, S, S]."""
+    """Images (or any sources load_image accepts) -> float32 [N, 3, S, S] (LLaVA)."""
     if isinstance(images, Image.Image):
         images = [images]
     side = family.IMAGE_SIZE
@@ -324,6 +346,11 @@ def preprocess(images: Sequence | Image.Image) -> np.ndarray:
         # No name holds the decoded image: it is freed before the next one is decoded.
         batch[index] = pixel_values(source if _is_rgb(source) else load_image(source))
     return batch
+
+
+def preprocess_list(images: Sequence, fit) -> list[np.ndarray]:
+    """Images -> one float32 [3, h, w] array each, brought to size by `fit` (sizes may differ)."""
+    return [pixel_values(source if _is_rgb(source) else load_image(source), fit) for source in images]
 
 
 def _is_rgb(source) -> bool:
