@@ -7,6 +7,7 @@ from pathlib import Path
 from .records import BatchItem
 from ..errors import HuatuoError
 from ..eval.run import first_letter
+from ..families import generation_defaults
 from ..families.llava import EVAL_MAX_NEW_TOKENS, GENERATION_DEFAULTS, GenerationConfig
 
 
@@ -27,8 +28,9 @@ class AnswererSpec:
     seed: int | None = None
     max_tokens: int | None = None
 
-    def config(self, kind: str) -> GenerationConfig:
-        return GENERATION_DEFAULTS.with_overrides(temperature=self.temperature, seed=self.seed,
+    def config(self, kind: str, defaults: GenerationConfig | None = None) -> GenerationConfig:
+        """Greedy unless asked; the rest from the model's own defaults (`defaults`)."""
+        return (defaults or GENERATION_DEFAULTS).with_overrides(temperature=self.temperature, seed=self.seed,
                                                   max_new_tokens=self.max_tokens or DEFAULT_MAX_TOKENS[kind])
 
     def run_info(self, data) -> dict:
@@ -52,7 +54,8 @@ class Answerer:
     def __call__(self, item: BatchItem) -> dict:
         row = {"index": item.index, "key": item.key, "kind": item.kind, **item.extra}
         try:
-            answer = self.model.ask(list(item.images), item.prompt, **asdict(self.spec.config(item.kind)))
+            config = self.spec.config(item.kind, generation_defaults(self.model.engine))
+            answer = self.model.ask(list(item.images), item.prompt, **asdict(config))
         except HuatuoError as exc:
             return {**row, "output": None, "error": str(exc)}
         row.update(output=answer.text, prompt_tokens=answer.prompt_tokens,

@@ -192,9 +192,11 @@ def model_answerer(model, config, extra_ids: Callable[[EvalItem], Sequence[int]]
     return answer
 
 
-def eval_config(temperature: float = 0.0, seed: int | None = None, max_new_tokens: int | None = None):
-    """Greedy by default; upstream's sampling (temperature 0.2, penalty 1.2) when asked."""
-    return GENERATION_DEFAULTS.with_overrides(temperature=temperature, seed=seed,
+def eval_config(temperature: float = 0.0, seed: int | None = None, max_new_tokens: int | None = None,
+                defaults=None):
+    """Greedy by default; the model's (`defaults`, else upstream LLaVA's: temperature 0.2,
+    penalty 1.2) sampling when asked."""
+    return (defaults or GENERATION_DEFAULTS).with_overrides(temperature=temperature, seed=seed,
                                               max_new_tokens=max_new_tokens or EVAL_MAX_NEW_TOKENS)
 
 
@@ -246,14 +248,15 @@ def run_eval(model, data, out_dir, backend: str | None = None, limit: int | None
     """Evaluate one model on one eval file; writes results.jsonl, report.json and
     report.md into out_dir and returns the report dict."""
     from ..api import load
+    from ..families import generation_defaults
     from .report import summarize, write_reports
 
     items, skipped = load_items(data, limit)
     if not items:
         raise HuatuoError(f"{data} has no closed questions to evaluate.")
-    config = eval_config(temperature, seed, max_new_tokens)
     out_dir = Path(out_dir)
     with load(model, backend=backend, **(load_options or {})) as hv:
+        config = eval_config(temperature, seed, max_new_tokens, generation_defaults(hv.engine))
         run_info = {"model": str(Path(hv.path).resolve()), "backend": hv.backend, "data": str(Path(data).resolve()),
                     "temperature": config.temperature, "seed": config.seed,
                     "max_new_tokens": config.max_new_tokens, "logprobs": keep_logprobs,
