@@ -15,6 +15,7 @@ vision tower from there instead of the embedded weights is caught by tests.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -124,7 +125,12 @@ def _build_7b_hf(root: Path, sizes: TinySizes, seed: int) -> None:
     _write_canonical(root, sizes, VARIANTS["7b-hf"].text_arch, rows, seed, rename=to_hf_name)
 
 
-VARIANT_BUILDERS = {"7b": _build_7b, "34b": _build_34b, "7b-hf": _build_7b_hf}
+def _build_7b_qwen25vl(root: Path, sizes: TinySizes, seed: int) -> None:
+    # By name: convert/qwen25vl/tiny.py writes its shards with this module's _write_shards.
+    importlib.import_module("huatuo_lite.convert.qwen25vl.tiny").build_tiny_variant(root, sizes, seed)
+
+
+VARIANT_BUILDERS = {"7b": _build_7b, "34b": _build_34b, "7b-hf": _build_7b_hf, "7b-qwen25vl": _build_7b_qwen25vl}
 
 
 # ----------------------------------------------------------------- writing ----

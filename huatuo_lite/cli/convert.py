@@ -11,6 +11,7 @@ import click
 from ..errors import HuatuoError
 from ..formats import GGUF, ONNX
 from ..families.llava import VARIANTS
+from ..families.qwen25vl import VARIANTS as QWEN25VL_VARIANTS
 from ..manifest import read_manifest
 from ..llama_tools import self_test_verdict
 from ..interrupt import reporting
@@ -33,7 +34,7 @@ def convert():
 
 @convert.command("tiny")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--variant", type=click.Choice(list(VARIANTS)), default="7b", show_default=True)
+@click.option("--variant", type=click.Choice([*VARIANTS, *QWEN25VL_VARIANTS]), default="7b", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 def convert_tiny(out_dir, variant, seed):
     """Write a tiny random checkpoint in the exact upstream layout (for tests and demos).
