@@ -36,6 +36,7 @@ from huatuo_lite.families import qwen25vl as fam
 from huatuo_lite.fsutil import atomic_path
 
 from ..tiny.make import _write_shards, embedding_rows
+from .checkpoint import expected_tensors, text_facts, vision_facts
 from ..tiny.tokenizer import build_qwen2_tokenizer
 
 # Qwen2.5-VL's added special tokens after Qwen2's three (ids 151646..151656 upstream).
@@ -199,42 +200,7 @@ LAYOUT_FILES = {
 
 
 # ----------------------------------------------------------------- weights ----
-def _linear(prefix: str, out_f: int, in_f: int, bias: bool) -> list:
-    spec = [(prefix + ".weight", (out_f, in_f), "w")]
-    return spec + ([(prefix + ".bias", (out_f,), "b")] if bias else [])
-
-
-def vision_spec(s: QwenTinySizes) -> list:
-    """visual.*: Conv3d patch embed [D, 3, 2, 14, 14] (no bias), blocks with RMSNorm, fused
-    qkv [3D, D] + bias, SwiGLU with biases, merger (RMSNorm, [4D, 4D], [H, 4D])."""
-    d, inter, merged = s.vision_hidden_size, s.vision_intermediate_size, s.vision_hidden_size * fam.MERGE_SIZE ** 2
-    spec = [("visual.patch_embed.proj.weight", (d, 3, fam.TEMPORAL_PATCH_SIZE, fam.PATCH_SIZE, fam.PATCH_SIZE), "w")]
-    for i in range(s.vision_depth):
-        p = f"visual.blocks.{i}."
-        spec += [(p + "norm1.weight", (d,), "norm"), (p + "norm2.weight", (d,), "norm")]
-        spec += _linear(p + "attn.qkv", 3 * d, d, True) + _linear(p + "attn.proj", d, d, True)
-        spec += _linear(p + "mlp.gate_proj", inter, d, True) + _linear(p + "mlp.up_proj", inter, d, True)
-        spec += _linear(p + "mlp.down_proj", d, inter, True)
-    spec += [("visual.merger.ln_q.weight", (d,), "norm")]
-    return spec + _linear("visual.merger.mlp.0", merged, merged, True) + \
-        _linear("visual.merger.mlp.2", s.hidden_size, merged, True)
-
-
-def text_spec(s: QwenTinySizes, rows: int) -> list:
-    """model.* (Qwen2 decoder, q/k/v biases, GQA) and an untied lm_head [V, H]."""
-    h, kv = s.hidden_size, s.num_kv_heads * (s.hidden_size // s.num_heads)
-    spec = [("model.embed_tokens.weight", (rows, h), "w")]
-    for i in range(s.num_layers):
-        p = f"model.layers.{i}."
-        spec += _linear(p + "self_attn.q_proj", h, h, True) + _linear(p + "self_attn.k_proj", kv, h, True)
-        spec += _linear(p + "self_attn.v_proj", kv, h, True) + _linear(p + "self_attn.o_proj", h, h, False)
-        spec += _linear(p + "mlp.gate_proj", s.intermediate_size, h, False)
-        spec += _linear(p + "mlp.up_proj", s.intermediate_size, h, False)
-        spec += _linear(p + "mlp.down_proj", h, s.intermediate_size, False)
-        spec += [(p + "input_layernorm.weight", (h,), "norm"), (p + "post_attention_layernorm.weight", (h,), "norm")]
-    return spec + [("model.norm.weight", (h,), "norm"), ("lm_head.weight", (rows, h), "w")]
-
-
+# Names and shapes come from checkpoint.expected_tensors (the reader checks the same table).
 def stored_name(canonical: str, layout: str) -> str:
     """Canonical (pre-4.52) name -> its name in `layout` (families.qwen25vl.LAYOUT_PREFIXES)."""
     for stored, canon in fam.LAYOUT_PREFIXES[layout]:
@@ -276,11 +242,12 @@ def _build(root: Path, s: QwenTinySizes, layout: str, seed: int, max_pixels: int
     ids = _tokenizer(root, layout)
     rows = embedding_rows(ids.pop("size"))
     config_writer, preprocessor_writer, _ = LAYOUT_FILES[layout]
-    config = config_writer(flat_config(s, rows, ids))
+    flat = flat_config(s, rows, ids)
+    config = config_writer(flat)
     _write_json(root / "config.json", config)
     _write_json(root / "generation_config.json", generation_config(ids, config["transformers_version"]))
     _write_json(root / "preprocessor_config.json", preprocessor_writer(max_pixels))
-    spec = vision_spec(s) + text_spec(s, rows)
+    spec = expected_tensors(text_facts(flat, "tiny"), vision_facts(flat, "tiny"))   # the reader's own table
     nbytes = {stored_name(name, layout): 2 * _numel(shape) for name, shape, _ in spec}
     _write_shards(root, _iter_weights(spec, seed, layout), nbytes, s.num_shards)
 
