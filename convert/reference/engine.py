@@ -19,11 +19,25 @@ from huatuo_lite.backends.token_pieces import PIECE_DECODERS
 from .build import build_model, torch_dtype
 
 
+def _family_engines() -> dict:
+    """family -> (recognises(folder), module with open_engine), for the families other than
+    LLaVA, which is the default; modules by name (they build on this one)."""
+    from huatuo_lite.convert.qwen25vl.checkpoint import is_qwen25vl
+
+    return {"qwen25vl": (is_qwen25vl, "huatuo_lite.convert.qwen25vl.reference")}
+
+
 def open_engine(model_dir, *, dtype: str = "float32", threads: int | None = None,
-                attn_implementation: str = "sdpa", **ignored) -> "TorchEngine":
-    """Open an upstream HuatuoGPT-Vision folder (any variant) as a reference engine."""
+                attn_implementation: str = "sdpa", **ignored):
+    """Open an upstream HuatuoGPT-Vision folder (any variant or family) as a reference engine."""
     from huatuo_lite.convert.checkpoint.read import open_checkpoint
 
+    module = next((name for recognises, name in _family_engines().values() if recognises(model_dir)), None)
+    if module is not None:
+        import importlib
+
+        return importlib.import_module(module).open_engine(model_dir, dtype=dtype, threads=threads,
+                                                           attn_implementation=attn_implementation)
     if threads:
         torch.set_num_threads(int(threads))
     return TorchEngine(open_checkpoint(model_dir), dtype=dtype, attn_implementation=attn_implementation)
