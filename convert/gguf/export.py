@@ -7,6 +7,7 @@ Everything is written in a staging folder and moved into OUT_DIR when complete.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from gguf import LlamaFileType as FT
 from tqdm import tqdm
 
 from huatuo_lite.errors import HuatuoError
+from huatuo_lite.families import qwen25vl
 from huatuo_lite.families.llava import CONTEXT_LENGTH
 from huatuo_lite.fsutil import staging_dir
 from huatuo_lite.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
@@ -45,6 +47,24 @@ MMPROJ_TYPES = {k: DIRECT_TYPES[k] for k in ("F16", "Q8_0")}
 # the intermediate for llama.cpp's quantizer: lossless for the stored dtype
 INTERMEDIATE = {"bfloat16": "BF16"}
 VISION_ONNX = "vision.onnx"
+# families with their own exporter: family name -> (module relative to this package, function);
+# recognised by config.json's model_type / architectures (the family's VARIANT)
+FAMILY_EXPORTERS = {qwen25vl.NAME: ("..qwen25vl.gguf", "export_qwen25vl_gguf")}
+FAMILY_VARIANTS = {qwen25vl.NAME: qwen25vl.VARIANT}
+
+
+def _family(src) -> str | None:
+    """The family whose VARIANT config.json names, or None (the LLaVA family's reader decides;
+    an unreadable config.json gets its sentence there)."""
+    try:
+        config = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    archs = config.get("architectures") if isinstance(config.get("architectures"), list) else []
+    return next((family for family, v in FAMILY_VARIANTS.items()
+                 if config.get("model_type") == v.model_type or v.architecture in archs), None)
 
 
 def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
@@ -55,7 +75,14 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
     calibration JSON; the quant then uses an importance matrix (convert/gguf/imatrix.py, needs
     the native tools). `name`, `base_repo`, `license`: the model's identity (model_meta;
     default: the folder's name, the variant's upstream repository and its license).
-    Beside the files: manifest.json, an Ollama Modelfile and a README.md model card."""
+    Beside the files: manifest.json, an Ollama Modelfile and a README.md model card.
+    A checkpoint of another family goes to that family's exporter (FAMILY_EXPORTERS)."""
+    family = _family(src)
+    if family in FAMILY_EXPORTERS:
+        module, function = FAMILY_EXPORTERS[family]
+        return getattr(importlib.import_module(module, __package__), function)(
+            src, out_dir, quant=quant, mmproj_type=mmproj_type, allow_pickle=allow_pickle, threads=threads,
+            imatrix=imatrix, name=name, base_repo=base_repo, license=license)
     if quant not in DIRECT_TYPES and quant not in LLAMA_QUANTS:
         raise HuatuoError(f"Unknown quant {quant!r}: choose one of {', '.join([*DIRECT_TYPES, *LLAMA_QUANTS])}.")
     if mmproj_type not in MMPROJ_TYPES:

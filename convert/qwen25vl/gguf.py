@@ -10,6 +10,8 @@ family's (convert/gguf/); only the metadata differs. The chat template is the ch
 """
 from __future__ import annotations
 
+from contextlib import contextmanager, suppress
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,13 +20,14 @@ from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFWriter
 
 from huatuo_lite.errors import HuatuoError
 from huatuo_lite.families import qwen25vl as family
+from huatuo_lite.families.text import QWEN2
 from huatuo_lite.fsutil import staging_dir
 from huatuo_lite.jsonrecords import read_json_object
 from huatuo_lite.manifest import file_entry, write_manifest
 
 from ..gguf.export import DIRECT_TYPES, INTERMEDIATE, LLAMA_QUANTS, _earlier_conversion, _stored_dtype, llama_quantize
-from ..gguf.stream import write_streaming_gguf
-from ..gguf.text import _bpe_vocab, add_hparams, text_arrays, text_plan
+from ..gguf.stream import iter_mapped, write_streaming_gguf
+from ..gguf.text import _bpe_vocab, add_hparams, gguf_name, text_plan
 from ..model_meta import DEFAULT, add_general, model_meta
 from ..provenance import source_entry, version
 from . import gguf_vision
@@ -34,7 +37,7 @@ ROPE_SECTIONS = 4                                         # llama.cpp reads 4 (t
 MMPROJ_TYPES = {k: DIRECT_TYPES[k] for k in ("F32", "F16", "Q8_0")}
 PREPROCESSOR = "preprocessor_config.json"
 GENERATION = "generation_config.json"
-CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")   # beside tokenizer_config.json's key
+TEXT_PREFIXES = ("model.", "lm_head.")                   # canonical names of the language model
 
 
 def export_qwen25vl_gguf(src, out_dir, quant: str | Sequence[str] = "F16", mmproj_type: str = "F16",
@@ -52,13 +55,13 @@ def export_qwen25vl_gguf(src, out_dir, quant: str | Sequence[str] = "F16", mmpro
     say = progress or (lambda phase: None)
     from .checkpoint import open_qwen25vl
 
-    ckpt = open_qwen25vl(src, allow_pickle=allow_pickle) if allow_pickle else open_qwen25vl(src)
+    ckpt = open_qwen25vl(src, allow_pickle=allow_pickle)
     meta = model_meta(ckpt, name, base_repo, license)
     text_files = {q: f"{meta.name}-{q}.gguf" for q in quants}
     mmproj_file = f"mmproj-{meta.name}-{mmproj_type}.gguf"
     files, _ = _earlier_conversion(out_dir, ckpt)   # other quants of this checkpoint stay
-    image, generation = image_config(ckpt), generation_config(ckpt)
-    with staging_dir(out_dir) as stage:
+    image = image_config(ckpt)
+    with _removed_if_new(Path(out_dir)), staging_dir(out_dir) as stage:
         _write_texts(ckpt, stage, text_files, meta, threads or 0, say)
         say(f"mmproj {mmproj_type}")
         gguf_vision.write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], image, meta)
@@ -68,10 +71,24 @@ def export_qwen25vl_gguf(src, out_dir, quant: str | Sequence[str] = "F16", mmpro
         if self_test:
             say("libmtmd self-test")
             verdict = _self_test(ckpt, stage / text_files[quants[0]], stage / mmproj_file, threads or 1)
-        manifest = build_manifest(ckpt, meta.name, files, image, generation, verdict)
+        manifest = build_manifest(ckpt, meta.name, files, image, verdict)
         write_manifest(stage, manifest)
         _write_card(stage, Path(out_dir), meta, manifest)
     return Path(out_dir) / text_files[quants[0]]
+
+
+@contextmanager
+def _removed_if_new(out_dir: Path):
+    """An output folder this run created is removed again when the run fails or is
+    interrupted (staging_dir has already removed what was written inside it)."""
+    new = not out_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if new:
+            with suppress(OSError):
+                out_dir.rmdir()        # only when empty: never anything a user put there meanwhile
+        raise
 
 
 def _check_options(quants: list, mmproj_type: str, imatrix) -> None:
@@ -110,60 +127,57 @@ def _write_texts(ckpt, stage: Path, text_files: dict, meta, threads: int, say) -
 
 
 def rope_sections(ckpt) -> list[int]:
-    """mrope_section of the text config, padded to 4 with zeros (llama.cpp's key)."""
-    cfg = text_config_dict(ckpt.config)
-    sections = list((cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}).get("mrope_section") or [])
-    head_pairs = ckpt.text.hidden_size // ckpt.text.num_heads // 2
-    if not sections or len(sections) > ROPE_SECTIONS or sum(sections) != head_pairs:
-        raise HuatuoError(f"{ckpt.root}/config.json's rope_scaling.mrope_section {sections or None} does not split "
-                          f"the {head_pairs} rotary pairs of a head into at most {ROPE_SECTIONS} parts; the config "
-                          "is not a Qwen2.5-VL one.")
+    """mrope_section (time, row, col rotary pairs; the reader checked they fill a head) padded
+    to llama.cpp's 4 with zeros."""
+    sections = list(ckpt.text.mrope_section)
+    if len(sections) > ROPE_SECTIONS:
+        raise HuatuoError(f"{ckpt.root}/config.json's mrope_section {sections} has more than {ROPE_SECTIONS} parts, "
+                          "which llama.cpp's qwen2vl model cannot hold; it cannot be converted to GGUF.")
     return sections + [0] * (ROPE_SECTIONS - len(sections))
 
 
-def text_config_dict(config: dict) -> dict:
-    """The text model's keys: the flat config.json with its text_config (transformers >= 4.52) over it."""
-    return {**config, **(config.get("text_config") or {})}
+def text_arrays(ckpt):
+    """(GGUF name, stored tensor) of the language model, streamed; qwen2's NEOX rope takes
+    HF's q/k rows as they are (no permutation)."""
+    def convert(name, tensor):
+        mapped = gguf_name(name)
+        return None if mapped is None else (mapped[0], tensor)
+
+    for prefix in TEXT_PREFIXES:       # never loads the vision tower's tensors
+        yield from iter_mapped(ckpt.tensors(prefix), convert)
 
 
-def chat_template(ckpt) -> str | None:
-    """The checkpoint's own chat template: chat_template.jinja, chat_template.json or
-    tokenizer_config.json's key (the processor's and the tokenizer's are the same text)."""
-    root = Path(ckpt.tokenizer_dir or ckpt.root)
-    if (root / CHAT_TEMPLATE_FILES[0]).is_file():
-        return (root / CHAT_TEMPLATE_FILES[0]).read_text(encoding="utf-8")
-    for path, what in ((root / CHAT_TEMPLATE_FILES[1], "chat_template.json"), (root / "tokenizer_config.json", None)):
-        if path.is_file():
-            template = read_json_object(path, "download the tokenizer files again", HuatuoError).get("chat_template")
-            if isinstance(template, str) and template:
-                return template
-    return None
+def special_ids(ckpt) -> dict:
+    """bos / eos / pad ids for the GGUF: config.json's bos and eos (eos <|im_end|> in an Instruct
+    model; llama.cpp also ends on <|endoftext|> by its text), generation_config's pad."""
+    text = {**ckpt.config, **(ckpt.config.get("text_config") or {})}
+    return {"bos": text.get("bos_token_id"), "eos": text.get("eos_token_id"),
+            "pad": _json(ckpt, GENERATION).get("pad_token_id", text.get("pad_token_id"))}
 
 
-def add_tokenizer(w: GGUFWriter, ckpt, generation: dict) -> None:
-    """Qwen2's byte-level BPE (the LLaVA family's reader), pre-tokenizer qwen2; no BOS added."""
-    text = ckpt.text
-    vocab = _bpe_vocab(Path(ckpt.tokenizer_dir or ckpt.root), text.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
+def add_tokenizer(w: GGUFWriter, ckpt) -> None:
+    """Qwen2's byte-level BPE (the LLaVA family's reader), pre-tokenizer qwen2, no BOS added,
+    the checkpoint's own chat template (the processor's and the tokenizer's are the same text)."""
+    vocab = _bpe_vocab(Path(ckpt.tokenizer_dir), ckpt.text.vocab_size)
+    w.add_tokenizer_model(QWEN2.gguf_tokenizer)
+    w.add_tokenizer_pre(QWEN2.gguf_pre)
     w.add_token_list(vocab["tokens"])
     w.add_token_types(vocab["types"])
     w.add_token_merges(vocab["merges"])
-    pad = generation.get("pad_token_id", text.pad_token_id)
-    for add, token_id in ((w.add_bos_token_id, text.bos_token_id), (w.add_eos_token_id, text.eos_token_id),
-                          (w.add_pad_token_id, pad)):
+    ids = special_ids(ckpt)
+    for add, token_id in ((w.add_bos_token_id, ids["bos"]), (w.add_eos_token_id, ids["eos"]),
+                          (w.add_pad_token_id, ids["pad"])):
         if isinstance(token_id, int):
             add(token_id)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
-    template = chat_template(ckpt)
-    if template:
-        w.add_chat_template(template)
+    if ckpt.chat_template:
+        w.add_chat_template(ckpt.chat_template)
 
 
 def write_text_gguf(ckpt, path: Path, qtype, file_type: int, meta) -> Path:
     """The language model in one ggml type (F32/F16/BF16/Q8_0; vectors stay F32)."""
-    sections, generation = rope_sections(ckpt), generation_config(ckpt)
+    sections = rope_sections(ckpt)
 
     def metadata(w: GGUFWriter) -> None:
         add_general(w, meta)
@@ -171,7 +185,7 @@ def write_text_gguf(ckpt, path: Path, qtype, file_type: int, meta) -> Path:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hparams(w, ckpt.text)
         w.add_rope_dimension_sections(sections)
-        add_tokenizer(w, ckpt, generation)
+        add_tokenizer(w, ckpt)
 
     return write_streaming_gguf(path, TEXT_ARCH, metadata, text_plan(ckpt, qtype), text_arrays(ckpt),
                                 desc=Path(path).name)
@@ -184,54 +198,32 @@ def _json(ckpt, name: str) -> dict:
 
 
 def image_config(ckpt) -> dict:
-    """min/max pixels and mean/std of preprocessor_config.json (the family's defaults when absent)."""
+    """min/max pixels (the reader's) and image mean/std of preprocessor_config.json (CLIP's
+    when absent, as Qwen2VLImageProcessor's defaults)."""
     pre = _json(ckpt, PREPROCESSOR)
-    size = pre.get("size") if isinstance(pre.get("size"), dict) else {}   # transformers 5 keeps them under "size"
-    return {"min_pixels": int(pre.get("min_pixels") or size.get("shortest_edge") or family.MIN_PIXELS),
-            "max_pixels": int(pre.get("max_pixels") or size.get("longest_edge") or family.MAX_PIXELS),
+    low, high = ckpt.image_pixels
+    return {"min_pixels": int(low), "max_pixels": int(high),
             "image_mean": [float(v) for v in pre.get("image_mean", family.IMAGE_MEAN)],
             "image_std": [float(v) for v in pre.get("image_std", family.IMAGE_STD)]}
 
 
-def generation_config(ckpt) -> dict:
-    """generation_config.json (keys the runtime samples with; the family's defaults for missing
-    ones). do_sample false means greedy in HF whatever the temperature: temperature 0 here."""
-    gen = _json(ckpt, GENERATION)
-    defaults = family.GENERATION_DEFAULTS
-    out = {key: gen.get(key, getattr(defaults, key))
-           for key in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")}
-    if gen.get("do_sample") is False:
-        out["temperature"] = 0.0
-    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        if key in gen:
-            out[key] = gen[key]
-    return out
-
-
-def eos_token_ids(ckpt, generation: dict) -> list[int]:
-    """generation_config's eos ids (<|im_end|> and <|endoftext|> upstream), else config.json's."""
-    eos = generation.get("eos_token_id", ckpt.text.eos_token_id)
-    eos = eos if isinstance(eos, list) else [eos]
-    return [int(e) for e in eos if isinstance(e, int)]
-
-
-def build_manifest(ckpt, name: str, files: dict, image: dict, generation: dict, self_test: dict | None) -> dict:
+def build_manifest(ckpt, name: str, files: dict, image: dict, self_test: dict | None) -> dict:
     import llama_cpp
 
-    text, vision = ckpt.text, gguf_vision.vision_config(ckpt.config)
+    text, vision = ckpt.text, ckpt.vision
     manifest = {
         "format": "gguf",
         "family": family.NAME,
         "name": name,
         "variant": family.VARIANT.name,
         "files": files,
-        "text": {"arch": text.arch, "gguf_arch": TEXT_ARCH, "n_embd": text.hidden_size, "n_vocab": text.vocab_size,
+        "text": {"arch": QWEN2.name, "gguf_arch": TEXT_ARCH, "n_embd": text.hidden_size, "n_vocab": text.vocab_size,
                  "n_ctx": int(min(family.CONTEXT_LENGTH, text.max_position_embeddings)),
-                 "eos_token_ids": eos_token_ids(ckpt, generation), "rope_sections": rope_sections(ckpt)},
-        "vision": {"mmproj_projector": gguf_vision.PROJECTOR, "n_embd_out": vision["out_hidden_size"],
+                 "eos_token_ids": sorted(ckpt.eos_token_ids), "rope_sections": rope_sections(ckpt)},
+        "vision": {"mmproj_projector": gguf_vision.PROJECTOR, "n_embd_out": vision.out_hidden_size,
                    "patch_size": family.PATCH_SIZE, "merge_size": family.MERGE_SIZE},
         "image": {"min_pixels": image["min_pixels"], "max_pixels": image["max_pixels"]},
-        "generation": {k: v for k, v in generation.items() if not k.endswith("_token_id")},
+        "generation": asdict(ckpt.generation),
         "source": source_entry(ckpt),
         "tools": {"huatuo-lite": version("huatuo-lite"), "gguf": version("gguf"),
                   "llama-cpp-python": llama_cpp.__version__, "transformers": version("transformers")},
@@ -257,7 +249,3 @@ def _write_card(stage: Path, out_dir: Path, meta, manifest: dict) -> None:
 
     rows = fidelity_from_card(out_dir / FIDELITY_CARD)
     write_card(stage, meta, manifest, fidelity_rows=rows, fidelity_link=FIDELITY_CARD if rows else None)
-
-
-__all__ = ["export_qwen25vl_gguf", "write_text_gguf", "build_manifest", "image_config", "generation_config",
-           "rope_sections", "TEXT_ARCH", "MMPROJ_TYPES"]

@@ -67,30 +67,31 @@ _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 # ------------------------------------------------------------ the config ----
-def vision_config(config: dict) -> dict:
-    """config.json's vision_config with the facts libmtmd fixes checked: one sentence per
-    departure (a file libmtmd would silently run differently is never written)."""
-    vision = config.get("vision_config") or {}
-    fixed = {"patch_size": family.PATCH_SIZE, "temporal_patch_size": family.TEMPORAL_PATCH_SIZE,
-             "spatial_merge_size": family.MERGE_SIZE, "window_size": LIBMTMD_WINDOW_PX, "hidden_act": "silu"}
-    for key, value in fixed.items():
-        if vision.get(key, value) != value:
-            raise ModelFormatError(f"config.json's vision_config has {key} {vision.get(key)!r}, but llama.cpp's "
-                                   f"Qwen2.5-VL image graph only runs {value!r}; this checkpoint cannot be converted to GGUF.")
-    if vision.get("intermediate_size") == vision.get("hidden_size"):
+def check_vision(ckpt):
+    """ckpt.vision (checkpoint.QwenVision) when libmtmd runs it as transformers does; one
+    sentence per departure (a file libmtmd would silently run differently is never written)."""
+    vision = ckpt.vision
+    fixed = {"window_size": (vision.window_size, LIBMTMD_WINDOW_PX),
+             "hidden_act": ((ckpt.config.get("vision_config") or {}).get("hidden_act", "silu"), "silu")}
+    for key, (value, wanted) in fixed.items():
+        if value != wanted:
+            raise ModelFormatError(f"{ckpt.root}/config.json's vision_config has {key} {value!r}, but llama.cpp's "
+                                   f"Qwen2.5-VL image graph only runs {wanted!r}; this checkpoint cannot be converted to GGUF.")
+    if vision.intermediate_size == vision.hidden_size:
         # clip.cpp swaps ffn_up/ffn_down when ffn_down's rows equal the width (a fix for old files)
-        raise ModelFormatError("config.json's vision_config has intermediate_size equal to hidden_size, which "
-                               "llama.cpp mistakes for an old file and swaps the MLP; it cannot be converted to GGUF.")
+        raise ModelFormatError(f"{ckpt.root}/config.json's vision_config has intermediate_size equal to hidden_size, "
+                               "which llama.cpp mistakes for an old file and swaps the MLP; it cannot be converted to GGUF.")
     return vision
 
 
 def window_pattern(fullatt: list) -> int:
-    """n_wa_pattern p for fullatt_block_indexes [p-1, 2p-1, ...] (libmtmd's only rule)."""
+    """n_wa_pattern p for fullatt_block_indexes [p-1, 2p-1, ...] (libmtmd's only rule); 0 when
+    every block is full (libmtmd's "no windows": p = 1 would abort it for want of a window mask)."""
     period = fullatt[0] + 1 if fullatt else 0
     if not fullatt or any(b != (i + 1) * period - 1 for i, b in enumerate(fullatt)):
         raise ModelFormatError(f"config.json's fullatt_block_indexes {fullatt} are not evenly spaced (p-1, 2p-1, ...), "
                                "which llama.cpp's Qwen2.5-VL image graph needs; it cannot be converted to GGUF.")
-    return period
+    return 0 if period == 1 else period
 
 
 # ------------------------------------------------------------ the tensors ----
@@ -139,13 +140,13 @@ def mmproj_plan(ckpt, qtype) -> list[PlannedTensor]:
 
 def mmproj_arrays(ckpt):
     """(GGUF name, torch tensor) streamed from the checkpoint's visual.* tensors."""
-    for canonical, tensor in ckpt.iter_tensors(PREFIX):
+    for canonical, tensor in ckpt.tensors(PREFIX):
         for name, _, part in mmproj_parts(canonical, tuple(tensor.shape)):
             yield name, (tensor if part is None else part(tensor).contiguous())
 
 
 def add_metadata(w: GGUFWriter, ckpt, image: dict, file_type: int, meta) -> None:
-    vision = vision_config(ckpt.config)
+    vision = check_vision(ckpt)
     w.add_type(gguf.GGUFType.MMPROJ)
     add_general(w, meta)
     w.add_file_type(file_type)
@@ -153,17 +154,17 @@ def add_metadata(w: GGUFWriter, ckpt, image: dict, file_type: int, meta) -> None
     w.add_clip_projector_type(PROJECTOR)
     w.add_vision_image_size(IMAGE_SIZE)
     w.add_vision_patch_size(family.PATCH_SIZE)
-    w.add_vision_embedding_length(vision["hidden_size"])
-    w.add_vision_feed_forward_length(vision["intermediate_size"])
-    w.add_vision_projection_dim(vision["out_hidden_size"])
-    w.add_vision_block_count(vision["depth"])
-    w.add_vision_head_count(vision["num_heads"])
+    w.add_vision_embedding_length(vision.hidden_size)
+    w.add_vision_feed_forward_length(vision.intermediate_size)
+    w.add_vision_projection_dim(vision.out_hidden_size)
+    w.add_vision_block_count(vision.depth)
+    w.add_vision_head_count(vision.num_heads)
     w.add_vision_attention_layernorm_eps(VISION_RMS_EPS)
     w.add_vision_image_mean(list(image["image_mean"]))
     w.add_vision_image_std(list(image["image_std"]))
     w.add_vision_use_silu(True)
     w.add_vision_spatial_merge_size(family.MERGE_SIZE)
-    w.add_vision_n_wa_pattern(window_pattern(vision.get("fullatt_block_indexes") or []))
+    w.add_vision_n_wa_pattern(window_pattern(list(vision.fullatt_block_indexes)))
 
 
 def write_mmproj(ckpt, path: Path, qtype, file_type: int, image: dict, meta) -> Path:
@@ -192,7 +193,7 @@ def torch_features(ckpt, pixels: np.ndarray) -> np.ndarray:
     config = Qwen2_5_VLVisionConfig(**{k: v for k, v in ckpt.config["vision_config"].items() if k != "model_type"})
     config._attn_implementation = "eager"
     tower = Qwen2_5_VisionTransformerPretrainedModel(config).float().eval()
-    state = {name[len(PREFIX):]: tensor.float() for name, tensor in ckpt.iter_tensors(PREFIX)}
+    state = {name[len(PREFIX):]: tensor.float() for name, tensor in ckpt.tensors(PREFIX)}
     tower.load_state_dict(state, strict=True)
     patches, grid = family.patchify(pixels)
     with torch.no_grad():
