@@ -20,13 +20,12 @@ Every bad input is one sentence (ModelFormatError) naming the file and what to d
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.families import qwen25vl as fam
-from huatuo_lite.families.llava import GenerationConfig
 from huatuo_lite.jsonrecords import read_json_object
 
 from ..checkpoint.files import TensorEntry, find_weights, iter_file_tensors, load_tensor
@@ -167,17 +166,17 @@ def image_pixels(root: Path) -> tuple[int, int]:
     return low, high
 
 
-def generation_facts(root: Path, config: dict) -> tuple[GenerationConfig, frozenset]:
-    """Sampling defaults and eos ids from generation_config.json (what HF generate uses);
+def generation_facts(root: Path, config: dict) -> tuple:
+    """(GenerationConfig, eos ids) from generation_config.json (what HF generate uses);
     do_sample false there means greedy (temperature 0). eos: its ids, else config.json's."""
     path = root / "generation_config.json"
     data = read_json_object(path, "re-download it", ModelFormatError) if path.is_file() else {}
     d = fam.GENERATION_DEFAULTS
     greedy = data.get("do_sample") is False
-    gen = GenerationConfig(temperature=0.0 if greedy else float(data.get("temperature", d.temperature)),
-                           top_p=float(data.get("top_p", d.top_p)), top_k=int(data.get("top_k", d.top_k)),
-                           repetition_penalty=float(data.get("repetition_penalty", d.repetition_penalty)),
-                           max_new_tokens=int(data.get("max_new_tokens", d.max_new_tokens)))
+    gen = replace(d, temperature=0.0 if greedy else float(data.get("temperature", d.temperature)),
+                  top_p=float(data.get("top_p", d.top_p)), top_k=int(data.get("top_k", d.top_k)),
+                  repetition_penalty=float(data.get("repetition_penalty", d.repetition_penalty)),
+                  max_new_tokens=int(data.get("max_new_tokens", d.max_new_tokens)))
     eos = data.get("eos_token_id", _text_section(config).get("eos_token_id"))
     ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
     return gen, frozenset(int(i) for i in ids)
@@ -274,7 +273,7 @@ def _check_tensors(entries: dict, spec: list, root: Path) -> None:
 class QwenCheckpoint:
     """An upstream Qwen2.5-VL folder. Attributes: root, config (raw config.json), layout
     ("before-4.52" | "from-4.52"), text, vision, ids (TokenIds), image_pixels (min, max),
-    generation (GenerationConfig), eos_token_ids, chat_template (str | None), tokenizer_dir.
+    generation (families' GenerationConfig), eos_token_ids, chat_template (str | None), tokenizer_dir.
     names() canonical; shape(name), dtype(name), get(name) -> torch.Tensor (stored dtype);
     tensors(prefix="") -> (canonical name, tensor) one file at a time (safetensors are mmapped)."""
 

@@ -8,8 +8,8 @@ against it.
   model.visual(patches, grid_thw) in one call, as HF's forward does -> [T_i, H] each,
   T_i = (h/28)*(w/28), in the merger's output order.
 - prefill: token embeddings with the image features spliced in; 3-D M-RoPE positions
-  from families.qwen25vl.positions (get_rope_index's rule); an ImageEmbeds segment must
-  carry `.grid` = (rows, cols). step(token) continues at the next position on all three
+  from base.mrope_positions (families.qwen25vl.positions: get_rope_index's rule); an
+  ImageEmbeds segment must carry `.grid` = (rows, cols). step(token) continues at the next position on all three
   streams, as HF generate does with its rope_deltas.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from huatuo_lite.backends.base import ImageEmbeds, Segment, segments_length
+from huatuo_lite.backends.base import ImageEmbeds, Segment, mrope_positions, segments_length
 from huatuo_lite.errors import ImageError, PromptError
 from huatuo_lite.families import qwen25vl as fam
 
@@ -36,19 +36,15 @@ def open_engine(model_dir, *, dtype: str = "float32", threads: int | None = None
     return QwenTorchEngine(open_qwen25vl(model_dir), dtype=dtype, attn_implementation=attn_implementation)
 
 
-def _segment_span(segment, hidden: int) -> fam.Span:
-    """A prompt segment -> its positions span; image features must match their grid."""
-    if not isinstance(segment, ImageEmbeds):
-        return fam.Span(len(segment))
-    grid = getattr(segment, "grid", None)
-    rows_feats = np.shape(segment.features)
-    if grid is None:
+def _check_image(segment: ImageEmbeds, hidden: int) -> None:
+    """An image segment must carry its grid, and its features [rows*cols, H]."""
+    if segment.grid is None:
         raise PromptError("An image segment for Qwen2.5-VL needs its grid (rows, cols) to place its positions.")
-    rows, cols = (int(g) for g in grid)
-    if len(rows_feats) != 2 or rows_feats != (rows * cols, hidden):
+    rows, cols = (int(g) for g in segment.grid)
+    shape = np.shape(segment.features)
+    if shape != (rows * cols, hidden):
         raise PromptError(f"Image features for a {rows}x{cols} grid must be [{rows * cols}, {hidden}], "
-                          f"got {list(rows_feats)}.")
-    return fam.Span(rows * cols, (rows, cols))
+                          f"got {list(shape)}.")
 
 
 class QwenTorchEngine:
@@ -143,7 +139,10 @@ class QwenTorchEngine:
             raise PromptError("The prompt is empty: give at least one token.")
         if length > self.n_ctx:
             raise PromptError(f"The prompt has {length} positions but the context holds {self.n_ctx}: shorten it.")
-        positions, nxt = fam.positions([_segment_span(s, self.hidden_size) for s in segments])
+        for segment in segments:
+            if isinstance(segment, ImageEmbeds):
+                _check_image(segment, self.hidden_size)
+        positions, nxt = mrope_positions(segments)          # int64 [3, L], the next position
         embeds = self._embed(segments)
         self._cache = DynamicCache(config=self.model.config.text_config)
         logits = self._run(embeds, positions, all_logits)
