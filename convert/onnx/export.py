@@ -22,6 +22,7 @@ folder inside it that is always removed.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from huatuo_lite.errors import HuatuoError
+from huatuo_lite.families import qwen25vl
 from huatuo_lite.families.llava import CONTEXT_LENGTH, IMAGE_TOKENS
 from huatuo_lite.eval.fidelity import FIDELITY_CARD
 from huatuo_lite.fsutil import staging_dir
@@ -53,6 +55,10 @@ STREAMED = {EMBED: export_embed_streamed, DECODER: export_decoder_streamed}
 # text quant -> how the embedding table is stored. Gather quantizes only to 4 bits
 # in onnxruntime 1.32, so int8 keeps an fp16 table (exact to fp16 rounding).
 EMBED_QUANT = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "int4"}
+# config.json architecture or model_type -> the module converting that family (by name: it
+# builds on this one)
+FAMILY_EXPORTERS = {key: "huatuo_lite.convert.qwen25vl.onnx_export"
+                    for key in (qwen25vl.VARIANT.architecture, qwen25vl.VARIANT.model_type)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -67,7 +73,15 @@ def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", b
     `license`: the model's identity for the manifest and the README.md card (model_meta).
     int4 only: `algorithm` (onnx_algorithms.ALGORITHMS), `symmetric` (None: the
     algorithm's own), `keep_int8` (parts at 8 bits), `calibration` (records, gptq),
-    `embed_quant` (the token table: int4 or fp16). None: INT4_DEFAULT for int4."""
+    `embed_quant` (the token table: int4 or fp16). None: INT4_DEFAULT for int4.
+    A folder of another family goes to that family's exporter (FAMILY_EXPORTERS)."""
+    family = family_exporter(src)
+    if family is not None:
+        return family.export_onnx(src, out_dir, quant=quant, vision_quant=vision_quant, block_size=block_size,
+                                  force_external_data=force_external_data, exporter=exporter,
+                                  allow_pickle=allow_pickle, name=name, base_repo=base_repo, license=license,
+                                  algorithm=algorithm, symmetric=symmetric, keep_int8=keep_int8,
+                                  calibration=calibration, embed_quant=embed_quant)
     _check_options(quant, vision_quant, block_size)
     plan = int4_plan(quant, block_size, algorithm, symmetric, keep_int8, calibration)
     if quant == "int4" and embed_quant is None:
@@ -95,6 +109,21 @@ def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", b
         rows = fidelity_from_card(Path(out_dir) / FIDELITY_CARD)
         write_card(stage, meta, manifest, fidelity_rows=rows, fidelity_link=FIDELITY_CARD if rows else None)
     return Path(out_dir) / DECODER
+
+
+def family_exporter(src):
+    """The exporter module of a non-LLaVA folder, recognised by config.json's architectures /
+    model_type; None for LLaVA folders and for anything open_checkpoint should judge."""
+    try:
+        config = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None                       # open_checkpoint says the one sentence
+    if not isinstance(config, dict):
+        return None
+    archs = config.get("architectures") or []
+    keys = archs if isinstance(archs, list) and archs else [config.get("model_type")]   # model_type: no archs
+    module = next((FAMILY_EXPORTERS[k] for k in keys if isinstance(k, str) and k in FAMILY_EXPORTERS), None)
+    return importlib.import_module(module) if module else None
 
 
 def int4_plan(quant: str, block_size: int, algorithm: str | None = None, symmetric: bool | None = None,

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ModelFormatError, PromptError
+from ..families import family_module
 from ..manifest import check_sizes, read_manifest
 from .token_pieces import PIECE_DECODERS
 from .base import ImageEmbeds, Segment, common_prefix, drop_positions, position_keys, segments_length
@@ -28,8 +29,20 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 DECODER_INPUTS = {"inputs_embeds", "attention_mask", "position_ids"}
 
 
+# manifest "family" -> the module whose open_engine runs that family's graphs (imported by
+# name: those modules build on this one)
+FAMILY_ENGINES = {"qwen25vl": "huatuo_lite.backends.onnx_qwen25vl"}
+
+
 def open_engine(model_dir, *, threads: int | None = None, providers=None, **ignored) -> "OnnxEngine":
-    """Open a folder written by `huatuo-lite convert onnx`."""
+    """Open a folder written by `huatuo-lite convert onnx` (the engine of its family)."""
+    family = read_manifest(Path(model_dir)).get("family")
+    family_module(family)                 # a family this version does not know: one sentence
+    if family in FAMILY_ENGINES:
+        import importlib
+
+        return importlib.import_module(FAMILY_ENGINES[family]).open_engine(model_dir, threads=threads,
+                                                                           providers=providers)
     return OnnxEngine(model_dir, threads=threads, providers=providers)
 
 
