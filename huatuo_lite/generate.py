@@ -20,7 +20,8 @@ from .backends.base import Engine, ImageEmbeds, position_keys, segments_length
 from .cache import FeatureCache, prefix_segments
 from .families import family_of
 from .sampler import Sampler
-from .families.llava import GENERATION_DEFAULTS, GenerationConfig
+from .families.common import GenerationConfig
+from .families.llava import GENERATION_DEFAULTS
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .families.llava import GenerationConfig
+from .families.common import GenerationConfig
 
 
 class Sampler:

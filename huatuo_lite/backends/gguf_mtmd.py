@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..families import llava as family
+from ..families import common as family
 from ..errors import ModelFormatError
 
 SELF_TEST_MIN_COSINE = 0.999   # per image token; a fixed llama.cpp measures ~1 - 1e-6
@@ -28,8 +28,8 @@ SELF_TEST_SEED = 0
 def pixels_to_rgb8(pixel_values: np.ndarray) -> np.ndarray:
     """Undo image/load.py's normalization: [N,3,S,S] float32 -> [N,S,S,3] uint8 (exact: the
     values came from uint8 through x/255, -mean, /std)."""
-    mean = np.asarray(family.IMAGE_MEAN, np.float64).reshape(1, 3, 1, 1)
-    std = np.asarray(family.IMAGE_STD, np.float64).reshape(1, 3, 1, 1)
+    mean = np.asarray(family.CLIP_MEAN, np.float64).reshape(1, 3, 1, 1)
+    std = np.asarray(family.CLIP_STD, np.float64).reshape(1, 3, 1, 1)
     values = (pixel_values.astype(np.float64) * std + mean) / family.RESCALE
     return np.clip(np.rint(values), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1).copy()
 

@@ -8,7 +8,8 @@ from .records import BatchItem
 from ..errors import HuatuoError
 from ..eval.run import first_letter
 from ..families import generation_defaults
-from ..families.llava import EVAL_MAX_NEW_TOKENS, GENERATION_DEFAULTS, GenerationConfig
+from ..families.common import EVAL_MAX_NEW_TOKENS, GenerationConfig
+from ..families.llava import GENERATION_DEFAULTS
 
 
 # item kind -> default most new tokens (eval's scorer reads one letter; the rest answer in full)

@@ -5,7 +5,7 @@ import os
 import click
 
 from ..errors import HuatuoError
-from ..families.llava import DEMO_NOTICE, RESEARCH_NOTICE
+from ..families.common import DEMO_NOTICE, RESEARCH_NOTICE
 
 
 def show_notice(quiet: bool) -> None:

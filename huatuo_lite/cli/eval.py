@@ -8,7 +8,7 @@ import click
 
 from ..backends import BACKEND_MODULES
 from .types import MAX_TOKENS, SEED, TEMPERATURE
-from ..families.llava import EVAL_MAX_NEW_TOKENS
+from ..families.common import EVAL_MAX_NEW_TOKENS
 
 
 @click.command(name="eval")

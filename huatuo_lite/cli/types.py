@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from ..errors import HuatuoError
-from ..families.llava import check_generation_option
+from ..families.common import check_generation_option
 
 
 class GenerationValue(click.ParamType):

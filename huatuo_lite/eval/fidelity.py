@@ -36,7 +36,7 @@ from ..errors import HuatuoError
 from ..formats import FORMATS, MANIFEST_QUANTS, QUANT_OPTIONS, SPEC_BACKEND
 from .report import write_text
 from .run import log_softmax, run_eval
-from ..families.llava import GenerationConfig
+from ..families.common import GenerationConfig
 from .fidelity_chart import write_chart
 
 EVAL_SET = Path("eval") / "eval.json"      # an upstream checkpoint's own eval set, if any

@@ -32,8 +32,9 @@ import numpy as np
 from ..jsonrecords import read_record_list
 from ..resume import check_settings, read_rows
 from ..errors import HuatuoError
-from ..families.llava import (EVAL_ANSWER_SUFFIX, EVAL_MAX_NEW_TOKENS, EVAL_OPTION_LETTERS,
-                     EVAL_SKIPPED_QUESTION_TYPES, GENERATION_DEFAULTS)
+from ..families.common import (EVAL_ANSWER_SUFFIX, EVAL_MAX_NEW_TOKENS, EVAL_OPTION_LETTERS,
+                               EVAL_SKIPPED_QUESTION_TYPES)
+from ..families.llava import GENERATION_DEFAULTS
 
 # upstream scorer.match_choice3, first branch: a letter A-N (either case) after
 # start / a non-word char / "is " / 是 / 为 / quote / # / * / "(", followed by a

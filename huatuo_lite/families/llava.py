@@ -1,17 +1,17 @@
-"""The one source of truth about the HuatuoGPT-Vision family.
+"""The 2024 family: HuatuoGPT-Vision 7B / 34B in the LLaVA layout (and the -hf re-release).
 
-Everything that upstream fixes (prompt template, image preprocessing constants,
-generation defaults, limits, the variants and how to recognise them) lives here
-once. Backends and converters derive what they need from these values; none of
-them restates a constant.
+Everything upstream fixes for this family (prompt template, image preprocessing
+constants, generation defaults, the variants and how to recognise them) lives here
+once. Backends and converters derive what they need from these values; none of them
+restates a constant. What all families share is in common.py (re-exported here).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields, replace
-from numbers import Integral, Real
-
-from ..errors import HuatuoError
+# Shared facts, re-exported for the modules that import them from here.
+from .common import (CLIP_MEAN, CLIP_STD, RESCALE, DEMO_NOTICE, EVAL_ANSWER_SUFFIX, EVAL_MAX_NEW_TOKENS, EVAL_OPTION_LETTERS,  # noqa: F401
+                     EVAL_SKIPPED_QUESTION_TYPES, GENERATION_RULES, MAX_IMAGE_FILE_BYTES, MAX_IMAGE_PIXELS,
+                     MAX_REQUEST_PIXELS, MIN_TEMPERATURE, RESEARCH_NOTICE, GenerationConfig, Variant,
+                     check_generation_option)
 from .text import LLAMA, QWEN2
 
 NAME = "llava"
@@ -26,14 +26,8 @@ IMAGE_LINE = IMAGE_PLACEHOLDER + "\n"  # one per image, at the front of the turn
 # An earlier turn's answer is followed by " \n" (sic: a space) upstream.
 ANSWER_SUFFIX = " \n"
 MAX_IMAGES = 6
-
-
+CONTEXT_LENGTH = 4096  # tokenizer_model_max_length upstream
 RESERVED_MEANING = "marks where image features go"
-
-
-def grid_of(pixels) -> None:
-    """Positions are 1-D: an image's feature grid does not enter them."""
-    return None
 
 
 def reserved_in(question: str) -> str | None:
@@ -41,115 +35,27 @@ def reserved_in(question: str) -> str | None:
     return IMAGE_PLACEHOLDER if IMAGE_PLACEHOLDER in question else None
 
 
-CONTEXT_LENGTH = 4096  # tokenizer_model_max_length upstream
-
 # ----------------------------------------------------------------- image ----
 IMAGE_SIZE = 336            # CLIP ViT-L/14-336 input side
 PATCH_SIZE = 14
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576 features per image (CLS dropped)
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_MEAN, IMAGE_STD = CLIP_MEAN, CLIP_STD
 # expand2square pads with tuple(int(x * 255) for x in image_mean) = (122, 116, 104)
 PAD_COLOR = tuple(int(m * 255) for m in IMAGE_MEAN)
-RESCALE = 1.0 / 255.0
 VISION_SELECT_LAYER = -2     # hidden_states[-2], CLS dropped ("patch")
-# Limits on what image input may allocate (checked from headers, see image_limits.py).
-# Pixels are counted as expand2square allocates them: max(width, height)^2.
-MAX_IMAGE_PIXELS = 20000 * 20000  # one image; refuse decompression bombs above this
-# One request's images in all (env HUATUO_LITE_MAX_REQUEST_PIXELS overrides): as much
-# as one largest image. Images are decoded one at a time, so the peak memory is
-# one image's (2.1 GB peak RSS for six 1-bit 19999^2 PNGs, demo model); the budget bounds the time.
-MAX_REQUEST_PIXELS = MAX_IMAGE_PIXELS
-MAX_IMAGE_FILE_BYTES = 1 << 30    # bytes read from one image file (an uncompressed 16-bit 20000^2 DICOM is 0.8 GB)
+
+
+def grid_of(pixels) -> None:
+    """Positions are 1-D: an image's feature grid does not enter them."""
+    return None
 
 
 # ------------------------------------------------------------ generation ----
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Upstream's sampling defaults (HF generate with do_sample=True).
-
-    HF applies, in order: repetition penalty (to tokens generated so far: upstream
-    passes only inputs_embeds, so the prompt is not penalised), temperature,
-    top-k (HF's default 50), top-p. temperature == 0 means greedy.
-    """
-
-    temperature: float = 0.2
-    top_p: float = 1.0
-    top_k: int = 50
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = 512
-    seed: int | None = None
-
-    def __post_init__(self):
-        # Every surface (CLI, Python API, chat, eval, batch, server) builds one of
-        # these, so this is the one place options are checked.
-        for option in fields(self):
-            check_generation_option(option.name, getattr(self, option.name))
-
-    def with_overrides(self, **values) -> "GenerationConfig":
-        """A copy with every non-None value replaced (CLI/API options)."""
-        unknown = sorted(set(values) - {f.name for f in fields(self)})
-        if unknown:
-            raise HuatuoError(f"{unknown[0]!r} is not a generation option: use one of "
-                              f"{', '.join(f.name for f in fields(self))}.")
-        return replace(self, **{k: v for k, v in values.items() if v is not None})
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-# Below this a sampled answer is greedy in all but name, and float32 logits divided
-# by it overflow to inf (1e-310 made every probability NaN): 0 is the way to ask for greedy.
-MIN_TEMPERATURE = 1e-4
-
-
-def _finite(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _whole(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-# option -> (is the value acceptable, what to use instead); None is accepted only for seed
-GENERATION_RULES = {
-    "temperature": (lambda v: _finite(v) and (v == 0 or v >= MIN_TEMPERATURE),
-                    f"use 0 for greedy or a number from {MIN_TEMPERATURE:g} up (upstream uses 0.2)"),
-    "top_p": (lambda v: _finite(v) and 0 <= v <= 1, "use a number from 0 to 1 (1 turns it off)"),
-    "top_k": (lambda v: _whole(v) and v >= 0, "use a whole number from 0 up (0 turns it off)"),
-    "repetition_penalty": (lambda v: _finite(v) and v > 0, "use a number above 0 (1 turns it off)"),
-    "max_new_tokens": (lambda v: _whole(v) and v >= 1, "use a whole number from 1 up"),
-    "seed": (lambda v: v is None or (_whole(v) and v >= 0), "use a whole number from 0 up"),
-}
-
-
-def check_generation_option(name: str, value) -> None:
-    """Raise HuatuoError naming `name` when `value` cannot be used for it."""
-    ok, advice = GENERATION_RULES[name]
-    if not ok(value):
-        raise HuatuoError(f"{name} = {value!r} cannot be used: {advice}.")
-
-
 GENERATION_DEFAULTS = GenerationConfig()
 PENALIZE_PROMPT = False   # upstream passes inputs_embeds only: the penalty never sees the prompt
 
 
 # -------------------------------------------------------------- variants ----
-@dataclass(frozen=True)
-class Variant:
-    """One upstream checkpoint layout, recognised by config and tensor names."""
-
-    name: str                 # our short name: "7b", "34b", "7b-hf"
-    architecture: str         # config.json "architectures"[0]
-    model_type: str           # config.json "model_type"
-    text_arch: str            # its LLM's architecture: a key of families.text.TEXT_ARCHS
-    hub_repo: str             # upstream repository on the hub
-    layout: str               # "llava" (model.mm_projector...) or "hf" (multi_modal_projector...)
-    notes: str = ""
-    hub_aliases: tuple = field(default_factory=tuple)
-
-
 VARIANTS = {
     v.name: v
     for v in (
@@ -164,24 +70,3 @@ VARIANTS = {
 }
 VARIANT_BY_ARCHITECTURE = {v.architecture: v for v in VARIANTS.values()}
 
-# ------------------------------------------------------------ notices ----
-RESEARCH_NOTICE = (
-    "HuatuoGPT-Vision is for research use only: its answers are not medical advice "
-    "and must not be used for clinical decisions. (Silence with --quiet or "
-    "HUATUO_LITE_NO_NOTICE=1.)"
-)
-DEMO_NOTICE = (
-    "Using the bundled demo model: a pipeline demonstration trained on synthetic "
-    "shapes, not a medical model."
-)
-
-# ------------------------------------------------------------ evaluation ----
-# Upstream eval.py's closed-question prompt: "{question}\nA. {opt}\nB. {opt}...\n" + suffix.
-EVAL_OPTION_LETTERS = "ABCDEFGHIJK"   # upstream opt_title: at most 11 options are shown
-EVAL_ANSWER_SUFFIX = "Answer with the option's letter from the given choices directly."
-# Upstream generates up to 256 tokens, but its scorer reads only the first
-# standalone letter, which an instructed model gives in its first few tokens;
-# 16 leaves room for "The answer is (B)." or "答案是B" and keeps a benchmark
-# run ~16x cheaper than 256. Raise it (--max-tokens) for chatty models.
-EVAL_MAX_NEW_TOKENS = 16
-EVAL_SKIPPED_QUESTION_TYPES = ("open",)   # upstream scores closed questions only

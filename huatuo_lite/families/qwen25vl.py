@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ImageError
-from .llava import IMAGE_MEAN, IMAGE_STD, RESCALE, GenerationConfig, Variant
+from .common import CLIP_MEAN, CLIP_STD, RESCALE, GenerationConfig, Variant
 from .text import QWEN2
 
 NAME = "qwen25vl"
@@ -44,7 +44,7 @@ MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200           # smart_resize refuses longer images
 PATCH_VALUES = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE   # 1176 values per patch
-IMAGE_MEAN, IMAGE_STD, RESCALE = IMAGE_MEAN, IMAGE_STD, RESCALE    # CLIP's, as the LLaVA family
+IMAGE_MEAN, IMAGE_STD = CLIP_MEAN, CLIP_STD    # preprocessor_config.json: OpenAI CLIP's
 
 # ---------------------------------------------------------------- prompt ----
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ..families import llava as family
+from ..families import common as family
 from ..errors import ImageError
 
 REQUEST_PIXELS_ENV = "HUATUO_LITE_MAX_REQUEST_PIXELS"

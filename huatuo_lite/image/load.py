@@ -13,8 +13,8 @@ LLaVA's `expand2square`, then `CLIPImageProcessor` with the CLIP-L/336 settings)
 2. `expand2square(img)`: pad to a square with `family.PAD_COLOR`, the image
    pasted centred, exactly as LLaVA does.
 3. `preprocess(images)`: resize to `family.IMAGE_SIZE` square with PIL bicubic
-   (no `reducing_gap`, as transformers' resize), scale by `family.RESCALE` in
-   float64 then cast to float32, normalize with `family.IMAGE_MEAN/IMAGE_STD` in
+   (no `reducing_gap`, as transformers' resize), scale by `common.RESCALE` in
+   float64 then cast to float32, normalize with CLIP's mean/std (`families.common`) in
    float32, channels first -> float32 [N, 3, 336, 336]. This is bit-for-bit
    what CLIPImageProcessor computes on the padded square (its centre crop is a
    no-op on a 336x336 image).
@@ -38,6 +38,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..families import common
 from ..families import llava as family
 from . import limits
 from ..errors import ImageError
@@ -120,7 +121,7 @@ def _open_guarded(handle, name: str) -> Image.Image:
     """
     with _BOMB_GUARD, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, family.MAX_IMAGE_PIXELS
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, common.MAX_IMAGE_PIXELS
         try:
             return Image.open(handle, formats=PIL_FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -148,7 +149,7 @@ def _force_decode(img: Image.Image, name: str) -> None:
 
 def _too_large_sentence(name: str, size) -> str:
     dims = f" ({size[0]}x{size[1]} pixels)" if size else ""
-    return (f"The image {name}{dims} is larger than the limit of {family.MAX_IMAGE_PIXELS:,} "
+    return (f"The image {name}{dims} is larger than the limit of {common.MAX_IMAGE_PIXELS:,} "
             "pixels (a guard against decompression bombs): downscale it first.")
 
 
@@ -330,9 +331,9 @@ def pixel_values(img: Image.Image, fit=fit_llava) -> np.ndarray:
     """One RGB image -> float32 [3, h, w] normalized pixels ([3, 336, 336] for LLaVA)."""
     fitted = fit(img)
     # transformers rescales in float64 and casts to float32, then normalizes in float32.
-    scaled = (np.asarray(fitted).astype(np.float64) * family.RESCALE).astype(np.float32)
-    mean = np.asarray(family.IMAGE_MEAN, dtype=np.float32)
-    std = np.asarray(family.IMAGE_STD, dtype=np.float32)
+    scaled = (np.asarray(fitted).astype(np.float64) * common.RESCALE).astype(np.float32)
+    mean = np.asarray(common.CLIP_MEAN, dtype=np.float32)
+    std = np.asarray(common.CLIP_STD, dtype=np.float32)
     return ((scaled - mean) / std).transpose(2, 0, 1)   # [h, w, 3] -> [3, h, w]
 
 

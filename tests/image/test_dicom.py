@@ -221,10 +221,10 @@ def _rle_constant(side: int) -> Dataset:
 def test_large_rle_is_refused_from_its_header(tmp_path, monkeypatch):
     # As the 410-megapixel RLE file, scaled down: the limit is checked from Rows x
     # Columns before anything is decoded (pixel_array would raise here).
-    from huatuo_lite.families import llava as family
+    from huatuo_lite.families import common
 
     path = write(tmp_path, _rle_constant(300))
-    monkeypatch.setattr(family, "MAX_IMAGE_PIXELS", 299 * 299)
+    monkeypatch.setattr(common, "MAX_IMAGE_PIXELS", 299 * 299)
 
     decoded = []
     real_pixel_array = pydicom.pixels.pixel_array
@@ -234,7 +234,7 @@ def test_large_rle_is_refused_from_its_header(tmp_path, monkeypatch):
         with pytest.raises(ImageError, match=r"\(300x300 pixels, 90,000 once padded"):
             load(path)
     assert not decoded
-    monkeypatch.setattr(family, "MAX_IMAGE_PIXELS", 300 * 300)   # within the limit: decoded
+    monkeypatch.setattr(common, "MAX_IMAGE_PIXELS", 300 * 300)   # within the limit: decoded
     assert im.load_image(path).size == (300, 300) and decoded
 
 

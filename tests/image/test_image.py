@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from huatuo_lite.families import llava as family
+from huatuo_lite.families import common, llava as family
 from huatuo_lite.image import load as im
 from huatuo_lite.errors import ImageError
 from support.bad_images import BAD_FILES, _encoded, _noise, _png_header_only
@@ -220,7 +220,7 @@ def test_bad_files_give_one_sentence(case, tmp_path):
 
 def test_bomb_between_pil_warning_and_error_is_refused(monkeypatch):
     # Above our limit but below twice it: PIL only warns; we must still refuse.
-    monkeypatch.setattr(family, "MAX_IMAGE_PIXELS", 100 * 100)
+    monkeypatch.setattr(common, "MAX_IMAGE_PIXELS", 100 * 100)
     saved = Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageError, match="decompression bombs"):
         im.load_image(_png_header_only(150, 100))

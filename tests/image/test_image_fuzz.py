@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from huatuo_lite.families import llava as family
+from huatuo_lite.families import common, llava as family
 from huatuo_lite.image import load as im
 from huatuo_lite.errors import ImageError
 
@@ -251,8 +251,8 @@ PROPERTIES = {
 
 @pytest.fixture
 def small_limit(monkeypatch):
-    monkeypatch.setattr(family, "MAX_IMAGE_PIXELS", TEST_LIMIT)
-    monkeypatch.setattr(family, "MAX_REQUEST_PIXELS", TEST_LIMIT)
+    monkeypatch.setattr(common, "MAX_IMAGE_PIXELS", TEST_LIMIT)
+    monkeypatch.setattr(common, "MAX_REQUEST_PIXELS", TEST_LIMIT)
     monkeypatch.delenv("HUATUO_LITE_MAX_REQUEST_PIXELS", raising=False)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     yield

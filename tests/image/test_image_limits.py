@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from huatuo_lite.families import llava as family
+from huatuo_lite.families import common, llava as family
 from huatuo_lite.image import load as im
 from huatuo_lite.image import limits
 from huatuo_lite.errors import ImageError
@@ -141,7 +141,7 @@ def test_proc_mem_is_one_sentence():
 
 
 def test_bytes_read_are_capped(tmp_path, monkeypatch):
-    monkeypatch.setattr(family, "MAX_IMAGE_FILE_BYTES", 1000)
+    monkeypatch.setattr(common, "MAX_IMAGE_FILE_BYTES", 1000)
     path = tmp_path / "big.png"
     path.write_bytes(b"\0" * 1001)
     for load in (im.load_image, lambda src: im.load_request([src])):
