@@ -25,10 +25,8 @@ NEW_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from huatuo_lite.convert.qwen25vl.tiny import make_tiny_qwen25vl
-
-    return make_tiny_qwen25vl(tmp_path_factory.mktemp("qwen-onnx-tiny") / "tiny", layout="before-4.52")
+def tiny(qwen_tiny_folders):
+    return qwen_tiny_folders["before-4.52"]
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +140,10 @@ def test_decoder_logits_equal_transformers_forward(engine, hf_model, tiny):
 
 
 def _greedy(engine, segments, prompt_ids, penalty: float) -> list:
-    from huatuo_lite.families.llava import GenerationConfig
     from huatuo_lite.sampler import Sampler
 
-    sampler = Sampler(GenerationConfig(temperature=0.0, repetition_penalty=penalty), prompt_ids)
+    config = fam.GENERATION_DEFAULTS.with_overrides(temperature=0.0, repetition_penalty=penalty)
+    sampler = Sampler(config, prompt_ids)
     logits, tokens = engine.prefill(segments), []
     for _ in range(NEW_TOKENS):
         token = sampler(logits)
@@ -181,6 +179,37 @@ def test_greedy_answers_equal_transformers_generate(engine, hf_model, tiny, pena
     assert len(want) > 0 and ours == want
     if strong:
         assert ours != _greedy(engine, segments, input_ids, 1.0)     # the penalty is in play
+
+
+def test_both_layouts_give_the_same_graphs(onnx_fp32, qwen_tiny_folders, tmp_path_factory):
+    newer = _export(qwen_tiny_folders["from-4.52"], tmp_path_factory, "fp32", "fp32")
+    graphs = ("vision.onnx", "embed.onnx", "decoder.onnx")
+    digests = [{g: json.loads((f / "manifest.json").read_text())["files"][g]["sha256"] for g in graphs}
+               for f in (onnx_fp32, newer)]
+    assert digests[0] == digests[1]
+
+
+def test_ask_equals_the_torch_reference(onnx_fp32, tiny, tmp_path):
+    """The whole runtime path (image file -> smart_resize -> prompt -> generate loop) answers
+    as the torch reference engine (transformers' model) for two images of other sizes."""
+    from PIL import Image
+
+    from huatuo_lite import api
+
+    rng = np.random.default_rng(7)
+    paths = []
+    for i, (width, height) in enumerate(((200, 90), (64, 300))):
+        paths.append(tmp_path / f"scan{i}.png")
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(paths[-1])
+    answers = []
+    for folder, backend in ((onnx_fp32, "onnx"), (tiny, "torch")):
+        model = api.load(str(folder), backend=backend, threads=1)
+        try:
+            answers.append(model.ask([str(p) for p in paths], "What is shown?", temperature=0, max_new_tokens=10))
+        finally:
+            model.close()
+    assert answers[0].prompt_tokens == answers[1].prompt_tokens
+    assert answers[0].token_ids == answers[1].token_ids and answers[0].completion_tokens > 0
 
 
 def test_int8_loads_and_answers(tiny, tmp_path_factory, engine, hf_model):
