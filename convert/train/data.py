@@ -171,16 +171,19 @@ def record_examples(index: int, pairs: list, images: list, tokenize: Callable,
 
 def build_examples(records: Sequence, tokenize: Callable, eos_id: int, image_root, *,
                    max_length: int = family.CONTEXT_LENGTH, image_tokens: int = family.IMAGE_TOKENS,
-                   on_bad: str = "refuse", source: str = "the data") -> tuple:
+                   on_bad: str = "refuse", source: str = "the data", make_examples: Callable | None = None) -> tuple:
     """(examples, problems). on_bad="refuse" raises DataError at the first bad record
-    (with its index); "skip" leaves bad records out and lists them in problems."""
+    (with its index); "skip" leaves bad records out and lists them in problems.
+    make_examples(index, pairs, images) -> [Example]: another family's token layout
+    (default: record_examples with tokenize and eos_id)."""
     if on_bad not in BAD_DATA_CHOICES:
         raise DataError(f"Unknown bad-data choice {on_bad!r}: use one of {', '.join(BAD_DATA_CHOICES)}.")
     examples, problems = [], []
     for index, record in enumerate(records):
         try:
             pairs, images = parse_record(record, Path(image_root))
-            found = record_examples(index, pairs, images, tokenize, eos_id)
+            found = (make_examples(index, pairs, images) if make_examples
+                     else record_examples(index, pairs, images, tokenize, eos_id))
             longest = max(e.n_positions(image_tokens) for e in found)
             if longest > max_length:
                 raise ValueError(f"it takes {longest} positions, more than the maximum length {max_length}")

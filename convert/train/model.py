@@ -81,12 +81,12 @@ def _setup_qlora(model, lora: LoraOptions):
 MODE_SETUPS = {"align": _setup_align, "lora": _setup_lora, "qlora": _setup_qlora, "full": _setup_full}
 
 
-def quantize_language_model(model) -> int:
-    """Replace every nn.Linear outside QUANT_SKIP by an NF4 bnb Linear4bit (in place,
-    on the weights' device); returns how many. One clear sentence if bnb cannot run."""
+def quantize_language_model(model, skip: tuple = QUANT_SKIP) -> int:
+    """Replace every nn.Linear outside `skip` (full-name prefixes) by an NF4 bnb Linear4bit
+    (in place, on the weights' device); returns how many. One clear sentence if bnb cannot run."""
     bnb = _bitsandbytes()
     targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not name.startswith(QUANT_SKIP)]
+               if isinstance(m, torch.nn.Linear) and not name.startswith(skip)]
     for name, linear in targets:
         device = linear.weight.device
         quant = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,

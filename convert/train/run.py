@@ -10,13 +10,17 @@ Output in OUT:
   always        train_log.json (options, losses, validation loss, skipped records),
                 checkpoints/step-NNNNNN/ when save_every is set (resume=True continues
                 from the newest: trainable weights, optimizer, scheduler, RNG, losses)
+
+What is family-specific (opening the folder, records -> ids and labels, a batch's loss,
+writing a full model) comes from the folder's family row (family.py); LLAVA_HOOKS below
+is the LLaVA family's, convert/qwen25vl/train.py holds Qwen2.5-VL's.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -28,9 +32,11 @@ from huatuo_lite.fsutil import atomic_path, staging_dir
 
 from ..checkpoint.read import open_checkpoint
 from ..checkpoint.writer import write_checkpoint
+from .family import FamilyHooks, family_hooks
 from .data import DataError, build_examples, read_records, split_validation
 from .model import (LoraOptions, batch_loss, build_trainable, canonical_state, freeze_tower, tower_trains,
                           trainable_state, vision_hidden)
+from ..reference.build import build_model
 
 LR_DEFAULTS = {"align": 1e-3, "lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -59,7 +65,8 @@ class TrainOptions:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    train_projector: bool = True       # lora/qlora: the projector trains fully too
+    train_projector: bool | None = None   # lora/qlora: the projector trains fully too (None: the
+                                          # family's default, FamilyHooks.train_projector)
     bad_records: str = "refuse"        # or "skip"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -91,14 +98,15 @@ class TrainResult:
 @dataclass
 class Run:
     """What one training run holds: the model (net: what the optimizer sees, a PeftModel
-    in lora modes; llava: the Llava model inside), the image feed and the optimizer."""
+    in lora modes; model: the transformers model inside), the batch loss (batch ->
+    (mean loss over its trained tokens, their number)) and the optimizer."""
 
     mode: str
     opts: TrainOptions
     out: Path
     net: object
-    llava: object
-    feed: "ImageFeed"
+    model: object
+    loss: object
     optimizer: object
     scheduler: object
     params: list
@@ -182,7 +190,7 @@ def _optimizer_step(run: Run, examples: list, step: int) -> float:
     total, accum = 0.0, run.opts.grad_accum
     for micro in range(accum):
         batch = _micro_batch(examples, step * accum + micro, run.opts)
-        loss, _ = batch_loss(run.llava, batch, _batch_hidden(run.feed, batch))
+        loss, _ = run.loss(batch)
         (loss / accum).backward()
         total += float(loss.detach()) / accum
     if run.opts.max_grad_norm:
@@ -200,7 +208,7 @@ def evaluate(run: Run, examples: list) -> float:
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(examples), run.opts.batch_size):
         batch = examples[start:start + run.opts.batch_size]
-        loss, n = batch_loss(run.llava, batch, _batch_hidden(run.feed, batch))
+        loss, n = run.loss(batch)
         loss_sum, tokens = loss_sum + float(loss) * n, tokens + n
     run.net.train()
     return loss_sum / max(tokens, 1)
@@ -258,19 +266,19 @@ def _restore(run: Run, path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- outputs ----
-def _write_outputs(out: Path, mode: str, net, llava, ckpt) -> tuple:
+def _write_outputs(out: Path, run: Run, ckpt, hooks: FamilyHooks) -> tuple:
     """(adapter_dir, model_dir) after training."""
-    if mode in ADAPTER_MODES:
-        net.peft_config["default"].base_model_name_or_path = str(Path(ckpt.root).resolve())
+    if run.mode in ADAPTER_MODES:
+        run.net.peft_config["default"].base_model_name_or_path = str(Path(ckpt.root).resolve())
         with staging_dir(out) as stage:
-            net.save_pretrained(str(stage))
+            run.net.save_pretrained(str(stage))
         return out, None
-    write_checkpoint(ckpt, canonical_state(llava, ckpt), out)
+    hooks.write_model(ckpt, run.model, out)
     return None, out
 
 
-def _write_log(out: Path, result: TrainResult, opts: TrainOptions, source: str, data: str) -> None:
-    log = {"mode": result.mode, "source_model": source, "data": data, "options": asdict(opts),
+def _write_log(out: Path, result: TrainResult, opts: TrainOptions, source: str, data: str, family: str) -> None:
+    log = {"mode": result.mode, "family": family, "source_model": source, "data": data, "options": asdict(opts),
            "steps": result.steps, "losses": result.losses, "val_loss": result.val_loss,
            "val_losses": result.val_losses, "n_examples": result.n_examples,
            "skipped": [p.sentence() for p in result.skipped], "seconds": result.seconds}
@@ -299,9 +307,8 @@ def _examples(data, ckpt, opts: TrainOptions) -> tuple:
     return (*split_validation(examples, opts.val_split, opts.seed), problems)
 
 
-def _start_run(ckpt, mode: str, opts: TrainOptions, out: Path, steps: int) -> Run:
-    from transformers import get_scheduler
-
+def _llava_start(ckpt, mode: str, opts: TrainOptions) -> tuple:
+    """(net, Llava model, batch loss) of the LLaVA family."""
     from huatuo_lite.convert.reference.build import torch_dtype
 
     lora = LoraOptions(opts.lora_r, opts.lora_alpha, opts.lora_dropout, opts.train_projector)
@@ -311,12 +318,27 @@ def _start_run(ckpt, mode: str, opts: TrainOptions, out: Path, steps: int) -> Ru
         freeze_tower(llava)
     if not opts.train_embeddings:
         llava.get_input_embeddings().weight.requires_grad_(False)
+    feed = ImageFeed(llava, ckpt.vision.select_layer, opts.feature_cache)
+    return net, llava, lambda batch: batch_loss(llava, batch, _batch_hidden(feed, batch))
+
+
+def _write_llava(ckpt, llava, out) -> Path:
+    return write_checkpoint(ckpt, canonical_state(llava, ckpt), out)
+
+
+LLAVA_HOOKS = FamilyHooks("llava", open_checkpoint, _examples, _llava_start, build_model, _write_llava,
+                          tuple(LR_DEFAULTS), train_projector=True)
+
+
+def _start_run(ckpt, mode: str, opts: TrainOptions, out: Path, steps: int, hooks: FamilyHooks) -> Run:
+    from transformers import get_scheduler
+
+    net, model, loss = hooks.start(ckpt, mode, opts)
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = get_scheduler(SCHEDULES[opts.schedule], optimizer, num_training_steps=steps,
                               num_warmup_steps=int(opts.warmup_ratio * steps))
-    feed = ImageFeed(llava, ckpt.vision.select_layer, opts.feature_cache)
-    return Run(mode, opts, out, net, llava, feed, optimizer, scheduler, params)
+    return Run(mode, opts, out, net, model, loss, optimizer, scheduler, params)
 
 
 def train(data, model, out, mode: str = "lora", **options) -> TrainResult:
@@ -325,21 +347,27 @@ def train(data, model, out, mode: str = "lora", **options) -> TrainResult:
     opts = make_options(mode, options)
     out = Path(out)
     torch.manual_seed(opts.seed)
-    ckpt = open_checkpoint(model)
-    train_set, val_set, problems = _examples(data, ckpt, opts)
+    hooks = family_hooks(model)
+    ckpt = hooks.open(model)
+    if mode not in hooks.modes:
+        raise HuatuoError(f"Training mode {mode!r} is not offered for {ckpt.root} ({hooks.name} family): "
+                          f"use --mode {' or '.join(hooks.modes)}.")
+    if opts.train_projector is None:
+        opts = replace(opts, train_projector=hooks.train_projector)
+    train_set, val_set, problems = hooks.examples(data, ckpt, opts)
     steps = total_steps(len(train_set), opts)
-    run = _start_run(ckpt, mode, opts, out, steps)
+    run = _start_run(ckpt, mode, opts, out, steps, hooks)
     history = {"losses": [], "val_losses": []}
     if opts.resume:
         history = _restore(run, _find_checkpoint(out, opts.resume))
     saved = _loop(run, train_set, val_set, steps, history)
     val_loss = evaluate(run, val_set) if val_set else None
-    adapter_dir, model_dir = _write_outputs(out, mode, run.net, run.llava, ckpt)
+    adapter_dir, model_dir = _write_outputs(out, run, ckpt, hooks)
     result = TrainResult(mode=mode, steps=steps, losses=history["losses"], val_loss=val_loss,
                          val_losses=history["val_losses"], out_dir=out, adapter_dir=adapter_dir,
                          model_dir=model_dir, checkpoints=saved, skipped=problems,
                          n_examples=len(train_set), seconds=time.perf_counter() - started)
-    _write_log(out, result, opts, str(ckpt.root), str(data))
+    _write_log(out, result, opts, str(ckpt.root), str(data), hooks.name)
     return result
 
 

@@ -38,7 +38,8 @@ class TrainGroup(click.Group):
 
 @click.group(cls=TrainGroup)
 def train():
-    """Fine-tune on PubMedVision-format data (align, lora, qlora, full), or merge an adapter.
+    """Fine-tune on PubMedVision-format data (align, lora, qlora, full; Qwen2.5-VL models: lora,
+    qlora), or merge an adapter.
 
     \b
     Examples:
@@ -73,14 +74,16 @@ def train():
 @click.option("--lora-r", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--lora-alpha", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--lora-dropout", type=click.FloatRange(0, 1), default=0.05, show_default=True)
-@click.option("--freeze-projector", is_flag=True, help="lora/qlora: keep the projector frozen.")
+@click.option("--train-projector/--freeze-projector", "train_projector", default=None,
+              help="lora/qlora: whether the projector (Qwen2.5-VL: the merger) trains fully too "
+                   "(default: LLaVA yes, Qwen2.5-VL no).")
 @click.option("--bad-records", type=click.Choice(["refuse", "skip"]), default="refuse", show_default=True,
               help="What to do with an unusable record (missing image, empty conversation, too many images).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_run(data, model, out, mode, resume, resume_from, freeze_projector, threads, no_progress, **options):
+def train_run(data, model, out, mode, resume, resume_from, threads, no_progress, **options):
     """Train MODEL on DATA (PubMedVision JSON: `image` list + `conversations`).
 
     \b
@@ -96,7 +99,7 @@ def train_run(data, model, out, mode, resume, resume_from, freeze_projector, thr
             "--save-every are kept for --resume)")
     with reporting(out, recipe.LOG_NAME, otherwise=kept):
         result = recipe.train(data, model, out, mode=mode, resume=resume_from or resume,
-                              train_projector=not freeze_projector, progress=not no_progress, **options)
+                              progress=not no_progress, **options)
     for problem in result.skipped:
         click.echo(f"Skipped {problem.sentence()}.", err=True)
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
