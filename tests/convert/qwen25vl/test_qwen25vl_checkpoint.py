@@ -126,6 +126,16 @@ def _patch_size(root):
     _edit_json(root / "config.json", lambda d: d["vision_config"].__setitem__("patch_size", 16))
 
 
+def _narrower_mlp(root):
+    _edit_json(root / "config.json", lambda d: d["vision_config"].__setitem__(
+        "intermediate_size", d["vision_config"]["intermediate_size"] // 2))
+
+
+def _no_tokenizer(root):
+    for name in ("tokenizer.json", "vocab.json"):
+        (root / name).unlink()
+
+
 def _no_preprocessor(root):
     (root / "preprocessor_config.json").unlink()
 
@@ -141,6 +151,8 @@ BROKEN = {  # how the folder is broken -> (what to do to it, words the sentence 
     "config without mrope_section": (_no_mrope, "has no 'mrope_section'"),
     "config with fewer layers than the weights": (_wrong_depth, "which its config.json's model does not have"),
     "other patch size": (_patch_size, "sets patch_size 16"),
+    "config with another vision mlp width": (_narrower_mlp, "visual.blocks.0.mlp.gate_proj.weight has shape"),
+    "no tokenizer": (_no_tokenizer, "has no tokenizer"),
     "no preprocessor_config.json": (_no_preprocessor, "has no preprocessor_config.json"),
     "bad min_pixels": (_bad_pixels, "min_pixels 'many'"),
 }
