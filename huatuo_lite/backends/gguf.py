@@ -186,7 +186,15 @@ class GgufEngine:
                 f"{folder} was not proven to read images with this llama.cpp (llama-cpp-python "
                 f"{llama_cpp.__version__}; the conversion's self-test: {verdict or 'none'}): convert the model "
                 "again with `huatuo-lite convert gguf` to re-run the self-test.")
-        return MtmdEncoder(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers != 0)
+        from ..families import qwen25vl
+
+        # libmtmd resizes to its own token bounds (8..4096 for Qwen2.5-VL) unless told ours: an image
+        # we sized within the model's min/max pixels must reach it unchanged
+        low, high = self.image_pixels or (qwen25vl.MIN_PIXELS, qwen25vl.MAX_PIXELS)
+        area = qwen25vl.FACTOR ** 2
+        bounds = (max(1, -(-low // area)), high // area)
+        return MtmdEncoder(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers != 0,
+                           token_bounds=bounds)
 
     def _llava_images(self, folder: Path, manifest: dict, gpu_layers: int):
         """libmtmd when its self-test passed with this llama.cpp, else vision.onnx (None: text only)."""

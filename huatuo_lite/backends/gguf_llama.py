@@ -3,9 +3,9 @@ tiny GGUF metadata reader (the runtime does not depend on the `gguf` package).""
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +13,41 @@ import numpy as np
 from ..errors import ModelFormatError
 
 
+# ggml's log levels as this llama.cpp numbers them (llama-cpp-python 0.3.36's own callback maps
+# an older numbering, so it printed llama.cpp's warnings as errors)
+GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5
+_last_level = [0]
+
+
+def _log_callback():
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):
+        level = _last_level[0] if level == GGML_LOG_CONT else level
+        _last_level[0] = level
+        if level == GGML_LOG_ERROR or os.environ.get("HUATUO_LITE_VERBOSE"):
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+    return log
+
+
+_LOG = []   # the callback, kept alive while llama.cpp holds it
+
+
 def quiet_llama() -> None:
-    """Silence llama.cpp's and libmtmd's info logs (errors still show), unless
+    """Silence llama.cpp's and libmtmd's info logs and warnings (errors still show), unless
     `huatuo-lite -v` asked for them (it sets HUATUO_LITE_VERBOSE)."""
     import llama_cpp
-    from llama_cpp import _logger, mtmd_cpp
+    from llama_cpp import mtmd_cpp
 
-    verbose = bool(os.environ.get("HUATUO_LITE_VERBOSE"))
-    logging.getLogger("llama-cpp-python").setLevel(logging.INFO if verbose else logging.ERROR)
+    if not _LOG:
+        _LOG.append(_log_callback())
+    llama_cpp.llama_log_set(_LOG[0], ctypes.c_void_p(0))
     for setter in (getattr(mtmd_cpp, "mtmd_log_set", None), getattr(mtmd_cpp, "mtmd_helper_log_set", None)):
         if setter is not None:
-            setter(_logger.llama_log_callback, ctypes.c_void_p(0))
+            setter(_LOG[0], ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
 
 
@@ -77,7 +101,8 @@ class Batch:
         self._own_pos = self._saved_pos = None
         if n_embd and n_pos_per_embd > 1:
             self._own_pos = (llama_cpp.llama_pos * (capacity * n_pos_per_embd))()
-            self._saved_pos = self.batch.pos
+            # the address as a number: a pointer read from a struct field is a view of that field
+            self._saved_pos = ctypes.cast(self.batch.pos, ctypes.c_void_p).value
             self.batch.pos = ctypes.cast(self._own_pos, type(self.batch.pos))
 
     def fill(self, start_pos: int, n: int, want_logits: np.ndarray, tokens=None, embd=None,
@@ -105,8 +130,8 @@ class Batch:
 
     def close(self) -> None:
         if self.batch is not None:
-            if self._saved_pos is not None:
-                self.batch.pos = self._saved_pos
+            if self._saved_pos is not None:   # llama_batch_free frees what llama_batch_init made
+                self.batch.pos = ctypes.cast(self._saved_pos, type(self.batch.pos))
             self._llama.llama_batch_free(self.batch)
             self.batch = None
 

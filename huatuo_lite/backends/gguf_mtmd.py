@@ -37,7 +37,8 @@ def pixels_to_rgb8(pixel_values: np.ndarray) -> np.ndarray:
 class MtmdEncoder:
     """libmtmd's CLIP + projector on one mmproj: encode(pixels [N,3,S,S]) -> [N,T,H]."""
 
-    def __init__(self, mmproj: Path, model, n_embd: int, threads: int, use_gpu: bool = False):
+    def __init__(self, mmproj: Path, model, n_embd: int, threads: int, use_gpu: bool = False,
+                 token_bounds: tuple[int, int] | None = None):
         from llama_cpp import mtmd_cpp
 
         self._mtmd = mtmd_cpp
@@ -47,6 +48,8 @@ class MtmdEncoder:
         params.n_threads = threads
         params.print_timings = False
         params.warmup = False
+        if token_bounds:   # (min, max) image tokens: ours, so libmtmd's own resize keeps our size
+            params.image_min_tokens, params.image_max_tokens = token_bounds
         self.ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), model, params)
         if not self.ctx:
             raise ModelFormatError(f"llama.cpp could not load the mmproj {mmproj}; convert the model again.")

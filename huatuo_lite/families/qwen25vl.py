@@ -38,8 +38,10 @@ PATCH_SIZE = 14
 TEMPORAL_PATCH_SIZE = 2          # a still image is repeated in time
 MERGE_SIZE = 2                   # 2x2 patches -> one text-width feature
 FACTOR = PATCH_SIZE * MERGE_SIZE  # 28: the resized sides are multiples of this
-# Qwen2.5-VL-7B-Instruct's preprocessor_config.json (upstream trains from it); a converted
-# model records the checkpoint's own values in its manifest ("image": {...}).
+# Qwen2VLImageProcessor's class defaults, used only where a folder records none: a converted
+# model records the checkpoint's own values in its manifest ("image": {...}) -- Qwen2.5-VL-7B-
+# Instruct's preprocessor_config.json says max_pixels 12845056 (16384 tokens: a large photo then
+# needs a larger --n-ctx than CONTEXT_LENGTH, and the prompt-length check says so).
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 1280
 MAX_ASPECT_RATIO = 200           # smart_resize refuses longer images
