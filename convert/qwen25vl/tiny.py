@@ -35,7 +35,7 @@ from huatuo_lite.errors import HuatuoError
 from huatuo_lite.families import qwen25vl as fam
 from huatuo_lite.fsutil import atomic_path
 
-from ..tiny.make import _write_shards, embedding_rows
+from ..tiny.shards import embedding_rows, write_json, write_shards
 from .checkpoint import expected_tensors, text_facts, vision_facts
 from ..tiny.tokenizer import build_qwen2_tokenizer
 
@@ -183,7 +183,7 @@ def preprocessor_saved_by_457(max_pixels: int) -> dict:
 def _template_files_before(root: Path, tokenizer_config: dict) -> None:
     """Qwen's release: chat_template.json and the same text in tokenizer_config.json."""
     tokenizer_config["chat_template"] = CHAT_TEMPLATE
-    _write_json(root / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    write_json(root / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
 
 
 def _template_files_from(root: Path, tokenizer_config: dict) -> None:
@@ -219,10 +219,6 @@ def _iter_weights(spec: list, seed: int, layout: str):
 
 
 # ----------------------------------------------------------------- folder ----
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _tokenizer(root: Path, layout: str) -> dict:
     """Qwen2 BPE + the Qwen2.5-VL specials; tokenizer_config as Qwen2.5-VL-7B-Instruct's
     (eos <|im_end|>, pad <|endoftext|>), the chat template where `layout`'s writer put it."""
@@ -232,9 +228,9 @@ def _tokenizer(root: Path, layout: str) -> dict:
     config.update(eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=131072,
                   additional_special_tokens=[t for t in tok.special_ids if t != "<|endoftext|>"])
     LAYOUT_FILES[layout][2](root, config)
-    _write_json(path, config)
+    write_json(path, config)
     special_map = root / "special_tokens_map.json"
-    _write_json(special_map, {**json.loads(special_map.read_text(encoding="utf-8")), "eos_token": "<|im_end|>"})
+    write_json(special_map, {**json.loads(special_map.read_text(encoding="utf-8")), "eos_token": "<|im_end|>"})
     return {"size": tok.size, **tok.special_ids}
 
 
@@ -244,12 +240,12 @@ def _build(root: Path, s: QwenTinySizes, layout: str, seed: int, max_pixels: int
     config_writer, preprocessor_writer, _ = LAYOUT_FILES[layout]
     flat = flat_config(s, rows, ids)
     config = config_writer(flat)
-    _write_json(root / "config.json", config)
-    _write_json(root / "generation_config.json", generation_config(ids, config["transformers_version"]))
-    _write_json(root / "preprocessor_config.json", preprocessor_writer(max_pixels))
+    write_json(root / "config.json", config)
+    write_json(root / "generation_config.json", generation_config(ids, config["transformers_version"]))
+    write_json(root / "preprocessor_config.json", preprocessor_writer(max_pixels))
     spec = expected_tensors(text_facts(flat, "tiny"), vision_facts(flat, "tiny"))   # the reader's own table
     nbytes = {stored_name(name, layout): 2 * _numel(shape) for name, shape, _ in spec}
-    _write_shards(root, _iter_weights(spec, seed, layout), nbytes, s.num_shards)
+    write_shards(root, _iter_weights(spec, seed, layout), nbytes, s.num_shards)
 
 
 def _numel(shape: tuple) -> int:

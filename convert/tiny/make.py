@@ -15,7 +15,6 @@ vision tower from there instead of the embedded weights is caught by tests.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,6 +28,8 @@ from .configs import (VIT_SUBDIR, clip_config, generation_config, hf_config,
                            llava_config, preprocessor_config)
 from .weights import canonical_spec, clip_tensors, iter_canonical, spec_nbytes
 from .tokenizer import build_qwen2_tokenizer, build_yi_tokenizer
+from .shards import embedding_rows, write_json, write_shards
+from ..qwen25vl.tiny import build_tiny_variant as build_tiny_qwen25vl
 
 # The -hf conversion adds <image> right after Qwen2's three specials (151646).
 HF_IMAGE_TOKEN = "<image>"
@@ -85,12 +86,6 @@ def _rows(sizes: TinySizes, tokenizer_size: int, default: int) -> int:
     return sizes.vocab_rows or default
 
 
-def embedding_rows(tokenizer_size: int, multiple: int = 256) -> int:
-    """Embedding rows strictly above the tokenizer size, like Qwen2 (152064 rows
-    for 151646 tokens): the rows past the tokenizer are never produced by it."""
-    return (tokenizer_size // multiple + 1) * multiple
-
-
 # ------------------------------------------------------------- variants ----
 def _build_7b(root: Path, sizes: TinySizes, seed: int) -> None:
     tok = build_qwen2_tokenizer(root)
@@ -121,42 +116,21 @@ def _build_7b_hf(root: Path, sizes: TinySizes, seed: int) -> None:
     if image_id >= rows:   # cannot happen with the defaults; never write a broken folder
         raise HuatuoError(f"The <image> token id {image_id} does not fit {rows} embedding rows.")
     _write_config(root, hf_config(sizes, rows, bos=eos, eos=eos, image_token_id=image_id))
-    _write_json(root / "preprocessor_config.json", preprocessor_config(sizes.image_size))
+    write_json(root / "preprocessor_config.json", preprocessor_config(sizes.image_size))
     _write_canonical(root, sizes, VARIANTS["7b-hf"].text_arch, rows, seed, rename=to_hf_name)
 
 
 def _build_7b_qwen25vl(root: Path, sizes: TinySizes, seed: int) -> None:
-    # By name: convert/qwen25vl/tiny.py writes its shards with this module's _write_shards.
-    importlib.import_module("huatuo_lite.convert.qwen25vl.tiny").build_tiny_variant(root, sizes, seed)
+    build_tiny_qwen25vl(root, sizes, seed)
 
 
 VARIANT_BUILDERS = {"7b": _build_7b, "34b": _build_34b, "7b-hf": _build_7b_hf, "7b-qwen25vl": _build_7b_qwen25vl}
 
 
 # ----------------------------------------------------------------- writing ----
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def _write_config(root: Path, config: dict) -> None:
-    _write_json(root / "config.json", config)
-    _write_json(root / "generation_config.json", generation_config(config))
-
-
-def _plan_shards(nbytes: dict, num_shards: int) -> list:
-    """Consecutive groups of names of about equal bytes, in state-dict order (as
-    transformers' save_pretrained does with max_shard_size). Planned from the sizes alone,
-    before any tensor is drawn."""
-    target = sum(nbytes.values()) / num_shards
-    shards, current, size = [], [], 0
-    for name, n in nbytes.items():
-        if current and size + n > target and len(shards) < num_shards - 1:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += n
-    shards.append(current)
-    return shards
+    write_json(root / "config.json", config)
+    write_json(root / "generation_config.json", generation_config(config))
 
 
 def _write_canonical(root: Path, sizes: TinySizes, arch: str, rows: int, seed: int, rename=None) -> None:
@@ -166,27 +140,7 @@ def _write_canonical(root: Path, sizes: TinySizes, arch: str, rows: int, seed: i
     rename = rename or (lambda name: name)
     nbytes = {rename(name): n for name, n in spec_nbytes(canonical_spec(sizes, arch, rows)).items()}
     tensors = ((rename(name), t) for name, t in iter_canonical(sizes, arch, rows, seed))
-    _write_shards(root, tensors, nbytes, sizes.num_shards)
-
-
-def _write_shards(root: Path, tensors, nbytes: dict, num_shards: int) -> None:
-    """model-0000i-of-0000n.safetensors + model.safetensors.index.json. tensors: (name,
-    tensor) pairs in nbytes' order, consumed lazily; each shard is saved and dropped before
-    the next one is drawn."""
-    from safetensors.torch import save_file
-
-    plan = _plan_shards(nbytes, max(2, num_shards))
-    stream, weight_map = iter(tensors), {}
-    for i, names in enumerate(plan, start=1):
-        fname = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-        shard = dict(next(stream) for _ in names)
-        if list(shard) != names:       # the plan and the draw order come from the same spec
-            raise RuntimeError(f"tiny shard {fname}: tensors arrived out of the planned order")
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(root / fname), metadata={"format": "pt"})
-        del shard
-        weight_map.update(dict.fromkeys(names, fname))
-    _write_json(root / "model.safetensors.index.json",
-                {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": dict(sorted(weight_map.items()))})
+    write_shards(root, tensors, nbytes, sizes.num_shards)
 
 
 def _write_vit(root: Path, sizes: TinySizes, seed: int) -> None:
@@ -197,8 +151,8 @@ def _write_vit(root: Path, sizes: TinySizes, seed: int) -> None:
     vit = root / VIT_SUBDIR
     vit.mkdir(parents=True)
     config = clip_config(sizes)
-    _write_json(vit / "config.json", config)
-    _write_json(vit / "preprocessor_config.json", preprocessor_config(sizes.image_size))
+    write_json(vit / "config.json", config)
+    write_json(vit / "preprocessor_config.json", preprocessor_config(sizes.image_size))
     save_file(clip_tensors(sizes, config["text_config"], seed), str(vit / "model.safetensors"),
               metadata={"format": "pt"})
 
