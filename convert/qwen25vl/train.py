@@ -54,12 +54,15 @@ def build_model(ckpt, dtype=torch.float32):
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.utils import logging
 
-    verbosity = logging.get_verbosity()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()          # "Loading checkpoint shards": not on a command's output
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(ckpt.root), dtype=dtype)
     finally:
         logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
     return model.eval()
 
 
