@@ -144,6 +144,34 @@ def test_merged_folder_generates_like_the_unmerged_adapter(layout, trained, qwen
         assert answer != base_answer, path.name
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merged_folder_converts_to_gguf_that_answers_like_transformers(layout, trained, qwen_processors, dataset,
+                                                                       tmp_path):
+    """LoRA -> merge -> `convert gguf` (F32): the whole runtime path (ask with the image file)
+    answers as transformers' generate on the merged folder, token for token."""
+    pytest.importorskip("llama_cpp")
+    from PIL import Image
+
+    from huatuo_lite import api
+    from huatuo_lite.convert.gguf.export import export_gguf
+
+    merged = trained[1][layout]
+    gguf = tmp_path / "gguf"
+    export_gguf(merged, gguf, quant="F32", mmproj_type="F32", threads=1)     # routed to the Qwen2.5-VL writer
+    hf = _load(merged)
+    eos = set(json.loads((merged / "generation_config.json").read_text())["eos_token_id"])
+    model = api.load(str(gguf), threads=1)
+    try:
+        for path in sorted((dataset.parent / "images").glob("*.png")):
+            want = _greedy(hf, qwen_processors[layout], Image.open(path).convert("RGB"), QUESTION)
+            want = want[:next((i for i, t in enumerate(want) if t in eos), len(want))]
+            got = model.ask([str(path)], QUESTION, temperature=0, max_new_tokens=MAX_NEW_TOKENS,
+                            repetition_penalty=1.05)
+            assert want and got.token_ids == want, path.name
+    finally:
+        model.close()
+
+
 def test_merger_trains_when_asked(dataset, qwen_tiny_folders, tmp_path):
     from safetensors.torch import load_file
 
@@ -183,6 +211,20 @@ def test_qlora_quantizes_only_the_text_model_lowers_the_loss_and_merges(dataset,
 
 def _cli(*args):
     return CliRunner().invoke(cli, ["train", *map(str, args)])
+
+
+def test_cli_trains_and_merges_a_qwen_folder(dataset, qwen_tiny_folders, tmp_path):
+    from huatuo_lite.convert.qwen25vl.checkpoint import open_qwen25vl
+
+    source = qwen_tiny_folders["from-4.52"]
+    result = _cli(dataset, "--model", source, "--out", tmp_path / "a", "--mode", "lora", "--max-steps", 2,
+                  "--lora-r", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines() == [str(tmp_path / "a")]
+    assert result.stderr.startswith("Trained 2 steps on 4 examples: loss ")
+    merged = _cli("merge", tmp_path / "a", "--model", source, "--out", tmp_path / "m")
+    assert merged.exit_code == 0 and merged.output.strip() == str(tmp_path / "m"), merged.output
+    assert open_qwen25vl(tmp_path / "m").layout == "from-4.52"
 
 
 def test_cli_refuses_modes_the_family_does_not_offer(dataset, qwen_tiny_folders, tmp_path):
