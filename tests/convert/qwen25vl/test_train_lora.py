@@ -209,6 +209,16 @@ def test_qlora_quantizes_only_the_text_model_lowers_the_loss_and_merges(dataset,
     assert merged.layout == "from-4.52" and set(merged.names()) == set(open_qwen25vl(source).names())
 
 
+def test_resume_continues_exactly(dataset, qwen_tiny_folders, tmp_path):
+    from huatuo_lite.convert.train.run import train
+
+    source = qwen_tiny_folders["before-4.52"]
+    whole = train(dataset, source, tmp_path / "whole", mode="lora", max_steps=4, save_every=2, **LORA)
+    resumed = train(dataset, source, tmp_path / "resumed", mode="lora", max_steps=4,
+                    resume=tmp_path / "whole" / "checkpoints" / "step-000002", **LORA)
+    assert resumed.losses == whole.losses and len(whole.losses) == 4
+
+
 def _cli(*args):
     return CliRunner().invoke(cli, ["train", *map(str, args)])
 
