@@ -8,7 +8,6 @@ Everything is written in a staging folder and moved into OUT_DIR when complete.
 from __future__ import annotations
 
 import importlib
-import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from huatuo_lite.fsutil import staging_dir
 from huatuo_lite.manifest import MANIFEST_NAME, file_entry, read_manifest, write_manifest
 
 from ..provenance import config_hash, source_entry, version
+from ..checkpoint.family import folder_family
 from ..checkpoint.read import open_checkpoint
 from .mmproj import PROJECTOR_TYPES, write_mmproj
 from .text import write_text_gguf
@@ -47,24 +47,9 @@ MMPROJ_TYPES = {k: DIRECT_TYPES[k] for k in ("F16", "Q8_0")}
 # the intermediate for llama.cpp's quantizer: lossless for the stored dtype
 INTERMEDIATE = {"bfloat16": "BF16"}
 VISION_ONNX = "vision.onnx"
-# families with their own exporter: family name -> (module relative to this package, function);
-# recognised by config.json's model_type / architectures (the family's VARIANT)
+# families with their own exporter: family name (checkpoint.family.folder_family) ->
+# (module relative to this package, function)
 FAMILY_EXPORTERS = {qwen25vl.NAME: ("..qwen25vl.gguf", "export_qwen25vl_gguf")}
-FAMILY_VARIANTS = {qwen25vl.NAME: qwen25vl.VARIANT}
-
-
-def _family(src) -> str | None:
-    """The family whose VARIANT config.json names, or None (the LLaVA family's reader decides;
-    an unreadable config.json gets its sentence there)."""
-    try:
-        config = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    archs = config.get("architectures") if isinstance(config.get("architectures"), list) else []
-    return next((family for family, v in FAMILY_VARIANTS.items()
-                 if config.get("model_type") == v.model_type or v.architecture in archs), None)
 
 
 def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
@@ -77,7 +62,7 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
     default: the folder's name, the variant's upstream repository and its license).
     Beside the files: manifest.json, an Ollama Modelfile and a README.md model card.
     A checkpoint of another family goes to that family's exporter (FAMILY_EXPORTERS)."""
-    family = _family(src)
+    family = folder_family(src)
     if family in FAMILY_EXPORTERS:
         module, function = FAMILY_EXPORTERS[family]
         return getattr(importlib.import_module(module, __package__), function)(

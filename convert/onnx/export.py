@@ -55,10 +55,9 @@ STREAMED = {EMBED: export_embed_streamed, DECODER: export_decoder_streamed}
 # text quant -> how the embedding table is stored. Gather quantizes only to 4 bits
 # in onnxruntime 1.32, so int8 keeps an fp16 table (exact to fp16 rounding).
 EMBED_QUANT = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16", "int4": "int4"}
-# config.json architecture or model_type -> the module converting that family (by name: it
-# builds on this one)
-FAMILY_EXPORTERS = {key: "huatuo_lite.convert.qwen25vl.onnx_export"
-                    for key in (qwen25vl.VARIANT.architecture, qwen25vl.VARIANT.model_type)}
+# family name (checkpoint.family.folder_family) -> the module converting that family (by
+# name: it builds on this one)
+FAMILY_EXPORTERS = {qwen25vl.NAME: "huatuo_lite.convert.qwen25vl.onnx_export"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt")
 
@@ -114,15 +113,9 @@ def export_onnx(src, out_dir, quant: str = "int4", vision_quant: str = "fp32", b
 def family_exporter(src):
     """The exporter module of a non-LLaVA folder, recognised by config.json's architectures /
     model_type; None for LLaVA folders and for anything open_checkpoint should judge."""
-    try:
-        config = json.loads((Path(src) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None                       # open_checkpoint says the one sentence
-    if not isinstance(config, dict):
-        return None
-    archs = config.get("architectures") or []
-    keys = archs if isinstance(archs, list) and archs else [config.get("model_type")]   # model_type: no archs
-    module = next((FAMILY_EXPORTERS[k] for k in keys if isinstance(k, str) and k in FAMILY_EXPORTERS), None)
+    from ..checkpoint.family import folder_family
+
+    module = FAMILY_EXPORTERS.get(folder_family(src))
     return importlib.import_module(module) if module else None
 
 

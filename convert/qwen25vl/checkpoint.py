@@ -19,14 +19,15 @@ Every bad input is one sentence (ModelFormatError) naming the file and what to d
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from huatuo_lite.errors import ModelFormatError
-from huatuo_lite.families import qwen25vl as fam
+from huatuo_lite.families import config_family, qwen25vl as fam
 from huatuo_lite.jsonrecords import read_json_object
+
+from ..checkpoint.family import folder_family
 
 from ..checkpoint.files import TensorEntry, find_weights, iter_file_tensors, load_tensor
 
@@ -79,18 +80,12 @@ class TokenIds:
 
 # ----------------------------------------------------------- recognition ----
 def declares_qwen25vl(config: dict) -> bool:
-    archs = config.get("architectures") or []
-    return fam.VARIANT.architecture in archs or (not archs and config.get("model_type") == fam.VARIANT.model_type)
+    return config_family(config) == fam.NAME
 
 
 def is_qwen25vl(root) -> bool:
-    """Whether the folder's config.json declares Qwen2.5-VL (converters route it here); an
-    unreadable config is left to the other readers, which say what is wrong with it."""
-    try:
-        config = json.loads((Path(root).expanduser() / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and declares_qwen25vl(config)
+    """Whether the folder's config.json declares Qwen2.5-VL (converters route it here)."""
+    return folder_family(root) == fam.NAME
 
 
 # ---------------------------------------------------------------- config ----

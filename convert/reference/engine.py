@@ -19,12 +19,9 @@ from huatuo_lite.backends.token_pieces import PIECE_DECODERS
 from .build import build_model, torch_dtype
 
 
-def _family_engines() -> dict:
-    """family -> (recognises(folder), module with open_engine), for the families other than
-    LLaVA, which is the default; modules by name (they build on this one)."""
-    from huatuo_lite.convert.qwen25vl.checkpoint import is_qwen25vl
-
-    return {"qwen25vl": (is_qwen25vl, "huatuo_lite.convert.qwen25vl.reference")}
+# family -> the module whose open_engine runs it, for the families other than LLaVA (this
+# module's TorchEngine); by name, as they build on this one
+FAMILY_ENGINES = {"qwen25vl": "huatuo_lite.convert.qwen25vl.reference"}
 
 
 def open_engine(model_dir, *, dtype: str = "float32", threads: int | None = None,
@@ -32,7 +29,9 @@ def open_engine(model_dir, *, dtype: str = "float32", threads: int | None = None
     """Open an upstream HuatuoGPT-Vision folder (any variant or family) as a reference engine."""
     from huatuo_lite.convert.checkpoint.read import open_checkpoint
 
-    module = next((name for recognises, name in _family_engines().values() if recognises(model_dir)), None)
+    from huatuo_lite.convert.checkpoint.family import folder_family
+
+    module = FAMILY_ENGINES.get(folder_family(model_dir))
     if module is not None:
         import importlib
 

@@ -9,12 +9,10 @@ back in the source's layout. Each family gives those as a FamilyHooks row, found
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
-from huatuo_lite.families import DEFAULT, FAMILY_BY_VARIANT, VARIANT_BY_ARCHITECTURE
+from ..checkpoint.family import folder_family
 
 
 @dataclass(frozen=True)
@@ -34,19 +32,6 @@ HOOKS = {
     "llava": ("huatuo_lite.convert.train.run", "LLAVA_HOOKS"),
     "qwen25vl": ("huatuo_lite.convert.qwen25vl.train", "HOOKS"),
 }
-
-
-def folder_family(model) -> str:
-    """The family config.json's architecture belongs to; the LLaVA family when the file
-    is unreadable or names no known architecture (its reader then says what is wrong)."""
-    try:
-        config = json.loads((Path(model).expanduser() / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return DEFAULT
-    archs = config.get("architectures") if isinstance(config, dict) else None
-    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
-    variant = next((VARIANT_BY_ARCHITECTURE[a] for a in archs if a in VARIANT_BY_ARCHITECTURE), None)
-    return FAMILY_BY_VARIANT[variant.name] if variant else DEFAULT
 
 
 def family_hooks(model) -> FamilyHooks:

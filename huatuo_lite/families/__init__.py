@@ -19,7 +19,20 @@ FAMILIES: dict[str, ModuleType] = {"llava": llava, qwen25vl.NAME: qwen25vl}
 # every upstream layout we read, by config.json "architectures"[0]
 VARIANTS = {**llava.VARIANTS, **qwen25vl.VARIANTS}
 VARIANT_BY_ARCHITECTURE = {v.architecture: v for v in VARIANTS.values()}
+VARIANT_BY_MODEL_TYPE = {v.model_type: v for v in VARIANTS.values()}
 FAMILY_BY_VARIANT = {name: family for family, module in FAMILIES.items() for name in module.VARIANTS}
+
+
+def config_family(config) -> str | None:
+    """The family an upstream config.json (a dict) declares: by its "architectures", or by
+    "model_type" when it names none; None when it is no layout we read."""
+    if not isinstance(config, dict):
+        return None
+    archs = config.get("architectures")
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    variant = (next((VARIANT_BY_ARCHITECTURE[a] for a in archs if a in VARIANT_BY_ARCHITECTURE), None) if archs
+               else VARIANT_BY_MODEL_TYPE.get(config.get("model_type")))
+    return FAMILY_BY_VARIANT[variant.name] if variant else None
 
 
 def family_module(name: str | None) -> ModuleType:
