@@ -30,7 +30,7 @@ def models_list():
             fmt = store.detect_format(path)
         except HuatuoError:
             fmt = "unknown"
-        click.echo(f"{name:32} installed  {fmt:9} {path}")
+        click.echo(f"{name:32} installed  {fmt:9} {folder_family(path):9} {path}")
     demo = store.demo_model()
     if demo is not None and store.DEMO_NAME not in installed:
         click.echo(f"{store.DEMO_NAME:32} bundled    {'gguf':9} {demo} (synthetic-shapes demo, not a medical model)")
@@ -77,10 +77,27 @@ def models_info(model):
       huatuo-lite models info ./hv7b-gguf
     """
     folder = store.resolve(model)
-    info = store.describe(folder)
+    info = {**store.describe(folder), "family": folder_family(folder)}
     if info["format"] == "gguf":   # whether stock llama.cpp's image path is right for it
         info["image_path_self_test"] = self_test_verdict(read_manifest(folder).get("mtmd_self_test"))
     click.echo(json.dumps(info, indent=2))
+
+
+def folder_family(folder) -> str:
+    """The model family of a folder (llava | qwen25vl): a converted folder's manifest says it
+    (absent: llava, written before the second family); an upstream one's config.json
+    architecture; "unknown" for a folder that is neither."""
+    from ..families import DEFAULT, FAMILY_BY_VARIANT, VARIANT_BY_ARCHITECTURE
+    from ..jsonrecords import read_json_object
+
+    try:
+        if store.detect_format(folder) != "upstream":
+            return read_manifest(folder).get("family") or DEFAULT
+        config = read_json_object(folder / "config.json", "restore it")
+    except HuatuoError:
+        return "unknown"
+    variant = VARIANT_BY_ARCHITECTURE.get(((config.get("architectures") or [None])[0]))
+    return FAMILY_BY_VARIANT[variant.name] if variant else "unknown"
 
 
 @models.command("rm")
