@@ -55,11 +55,13 @@ def _table(title: str, groups: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     """A short human report: settings, then accuracy tables."""
     total = report["total"]
+    penalty = (report.get("generation") or {}).get("repetition_penalty")     # reports before it was recorded: none
     lines = [f"# Eval: {report.get('label', report.get('backend', ''))}", "",
              f"- model: `{report.get('model')}` ({report.get('backend')})",
              f"- data: `{report.get('data')}`",
              f"- decoding: temperature {report.get('temperature')}, seed {report.get('seed')}, "
-             f"max {report.get('max_new_tokens')} new tokens",
+             f"max {report.get('max_new_tokens')} new tokens"
+             + (f", repetition penalty {penalty} (the model's own)" if penalty is not None else ""),
              f"- skipped records: {report['skipped']}", "",
              f"**Accuracy {_pct(total['accuracy'])}%** on {total['count']} questions "
              f"(chance {_pct(total['chance'])}%, unparsed {total['unparsed']}).", ""]

@@ -23,7 +23,7 @@ import ast
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -266,6 +266,9 @@ def run_eval(model, data, out_dir, backend: str | None = None, limit: int | None
         check_run(out_dir, run_info)
         rows = evaluate_items(items, model_answerer(hv, config, extra_ids, keep_logprobs), out_dir,
                               progress, desc=label or hv.backend)
-    report = summarize(rows, skipped, {**run_info, "label": label or hv.backend})
+    # the sampling settings the answers were made with: the model's own defaults (a Qwen2.5-VL
+    # folder's penalty 1.05, LLaVA's 1.2) under the options given; not in run_info, which
+    # pins the model already (older report folders resume as before)
+    report = summarize(rows, skipped, {**run_info, "label": label or hv.backend, "generation": asdict(config)})
     write_reports(out_dir, report)
     return report
