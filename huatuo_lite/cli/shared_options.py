@@ -14,6 +14,7 @@ from __future__ import annotations
 import click
 
 from ..backends import BACKEND_MODULES
+from ..families import FAMILIES
 from .types import MAX_TOKENS, REPETITION_PENALTY, SEED, TEMPERATURE, TOP_K, TOP_P
 
 # Listed in --help order; `_stack` applies them bottom-up so click keeps this order.
@@ -28,14 +29,25 @@ MODEL_OPTIONS = (
                  help="onnxruntime execution provider: cpu, cuda, coreml (ONNX)."),
 )
 
+
+def model_default(option: str) -> str:
+    """An unset sampling option takes the model's own value (its checkpoint's generation
+    config, else its family's): say each family's, e.g. 'llava 0.2, qwen25vl 0.1'."""
+    return ", ".join(f"{name} {getattr(module.GENERATION_DEFAULTS, option)}" for name, module in FAMILIES.items())
+
+
 # The types check values with GenerationConfig's own rules (cli/types.py): nan, -1 -> exit 2.
 SAMPLING_OPTIONS = (
-    click.option("--temperature", type=TEMPERATURE, help="0 = greedy. Upstream default 0.2."),
-    click.option("--top-p", type=TOP_P, help="Nucleus sampling mass, 0 to 1 (default 1.0 = off)."),
-    click.option("--top-k", type=TOP_K, help="Top-k before sampling (HF default 50; 0 = off)."),
+    click.option("--temperature", type=TEMPERATURE,
+                 help=f"0 = greedy. Default: the model's own ({model_default('temperature')})."),
+    click.option("--top-p", type=TOP_P, help=f"Nucleus sampling mass, 0 to 1; 1.0 = off. Default: the model's "
+                                             f"own ({model_default('top_p')})."),
+    click.option("--top-k", type=TOP_K, help=f"Top-k before sampling; 0 = off. Default: the model's own "
+                                             f"({model_default('top_k')})."),
     click.option("--repetition-penalty", type=REPETITION_PENALTY,
-                 help="Upstream default 1.2; 1.0 turns it off."),
-    click.option("--max-tokens", type=MAX_TOKENS, help="Most new tokens (default 512)."),
+                 help=f"1.0 turns it off. Default: the model's own ({model_default('repetition_penalty')})."),
+    click.option("--max-tokens", type=MAX_TOKENS,
+                 help=f"Most new tokens. Default: the model's own ({model_default('max_new_tokens')})."),
     click.option("--seed", type=SEED, help="Seed for sampling (0 or more)."),
 )
 
