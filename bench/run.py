@@ -39,7 +39,7 @@ CHILD_ERRORS = (RuntimeError, subprocess.TimeoutExpired, ValueError)   # a child
 
 
 def default_threads() -> int:
-    from huatuo_lite.backends.gguf import physical_cores   # the backends' own default
+    from huatuo_lite.backends.gguf_files import physical_cores   # the backends' own default
 
     return physical_cores()
 

@@ -1,15 +1,17 @@
 """The llama.cpp backend: a converted GGUF folder run by llama-cpp-python.
 
 Text runs in llama.cpp through the low-level batch API (our own batches, one KV
-cache). Image features come from vision.onnx on onnxruntime and are fed to
-llama.cpp as embeddings, because libmtmd's LLaVA graph is wrong in the vendored
-llama.cpp (see gguf_mtmd.py); libmtmd is used only when the folder's manifest
-records a passed self-test. Images always arrive preprocessed by image/load.py.
+cache). LLaVA family: image features come from vision.onnx on onnxruntime and are
+fed to llama.cpp as embeddings, because libmtmd's LLaVA graph is wrong in the
+vendored llama.cpp (see gguf_mtmd.py); libmtmd is used only when the folder's
+manifest records a passed self-test. Qwen2.5-VL family: libmtmd computes the
+features (its self-test against transformers passed at conversion) and the prompt
+takes 3-D M-RoPE positions (4 per embedding row, as libmtmd's own helper feeds them).
+Images always arrive preprocessed by image/load.py.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -21,94 +23,19 @@ from ..manifest import check_sizes, files_with_role, read_manifest
 from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, mrope_positions, position_keys,
                    segments_length)
 from .state import file_identity, segment_boundary
-from .vision_onnx import OnnxVisionEncoder
-from .gguf_llama import Batch, load_model, new_context, quiet_llama, read_gguf_metadata
+from .gguf_files import LazyVision, check_mmproj, physical_cores, pick_text
+from .gguf_llama import Batch, load_model, new_context, quiet_llama
 
 N_BATCH = 512
-# which text GGUF a folder holding several quants opens by default: small and good first
-QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16", "F32")
 # unquantized weights get F32 attention: with llama.cpp's F16 KV cache + flash attention
 # an F16 model's logits were 1.2e-3 off the reference (2.5x more) and greedy flipped at near-ties
 EXACT_QUANTS = {"F32", "F16", "BF16"}
-PROJECTION_DIM_KEY = "clip.vision.projection_dim"
-
-
-def physical_cores() -> int:
-    """Physical cores (llama.cpp gains nothing from hyper-threads); else half the CPU count."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    cores, physical = set(), None
-    for key, _, value in (line.partition(":") for line in lines):
-        key = key.strip()
-        if key == "physical id":
-            physical = value.strip()
-        elif key == "core id":
-            cores.add((physical, value.strip()))
-    return len(cores) or max(1, (os.cpu_count() or 2) // 2)
 
 
 def open_engine(model_dir, *, quant: str | None = None, threads: int | None = None, n_ctx: int | None = None,
                 gpu_layers: int = 0, **ignored) -> "GgufEngine":
     return GgufEngine(Path(model_dir), quant=quant, threads=threads or physical_cores(),
                       n_ctx=n_ctx, gpu_layers=gpu_layers)
-
-
-# ------------------------------------------------------------- checks ----
-def _pick_text(folder: Path, manifest: dict, quant: str | None) -> Path:
-    """The text GGUF of `quant`, or (none asked) the first of QUANT_PREFERENCE the folder holds."""
-    entries = {name: e for name, e in manifest.get("files", {}).items() if e.get("role") == "text"}
-    chosen = [n for n, e in entries.items() if quant is None or str(e.get("quant", "")).upper() == quant.upper()]
-    if not chosen:
-        have = ", ".join(sorted(str(e.get("quant")) for e in entries.values())) or "none"
-        raise ModelFormatError(f"{folder} has no {quant} text GGUF (it has: {have}); "
-                               f"pick one of those or convert with --quant {quant}.")
-    rank = {q: i for i, q in enumerate(QUANT_PREFERENCE)}
-    return folder / min(chosen, key=lambda n: (rank.get(str(entries[n].get("quant")).upper(), len(rank)), n))
-
-
-def _check_mmproj(folder: Path, manifest: dict, n_embd: int) -> Path | None:
-    """The mmproj must project to the text width: a swapped-in file from another model is named."""
-    mmprojs = files_with_role(folder, manifest, "mmproj")
-    for path in mmprojs:
-        width = read_gguf_metadata(path).get(PROJECTION_DIM_KEY)
-        if width != n_embd:
-            raise ModelFormatError(
-                f"{path.name} projects images to width {width} but the text model has {n_embd}: it belongs to "
-                f"another model; put back the mmproj converted with this model ({path.name} from the same "
-                "`huatuo-lite convert gguf` run).")
-    return mmprojs[0] if mmprojs else None
-
-
-def _check_vision(path: Path, n_embd: int, threads: int):
-    encoder = OnnxVisionEncoder(path, threads=threads)
-    if encoder.hidden_size != n_embd:
-        encoder.close()
-        raise ModelFormatError(
-            f"{path.name} produces image features of width {encoder.hidden_size} but the text model has "
-            f"{n_embd}: it belongs to another model; put back the vision.onnx converted with this model.")
-    return encoder
-
-
-class _LazyVision(OnnxVisionEncoder):
-    """vision.onnx, opened at the first image that is not in the cache: a question answered
-    from the disk cache never pays its session (CLIP-L: 1.2 GB of fp32 weights read).
-    An OnnxVisionEncoder to its users; the session is the wrapped one's."""
-
-    def __init__(self, path: Path, width: int, threads: int):   # no session yet (no super().__init__)
-        self.path, self.width, self.threads = path, width, threads
-        self._encoder = None
-
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        if self._encoder is None:
-            self._encoder = _check_vision(self.path, self.width, self.threads)
-        return self._encoder.encode(pixel_values)
-
-    def close(self) -> None:
-        if self._encoder is not None:
-            self._encoder.close()
-            self._encoder = None
 
 
 class GgufEngine:
@@ -133,9 +60,9 @@ class GgufEngine:
         image = manifest.get("image") or {}
         self.image_pixels = (image["min_pixels"], image["max_pixels"]) if "max_pixels" in image else None
         self.hidden_size = int(text["n_embd"])
-        self.text_path = _pick_text(folder, manifest, quant)
+        self.text_path = pick_text(folder, manifest, quant)
         # the width check first: a swapped-in mmproj gets the sentence naming it, not "replaced"
-        self.mmproj_path = _check_mmproj(folder, manifest, self.hidden_size)
+        self.mmproj_path = check_mmproj(folder, manifest, self.hidden_size)
         check_sizes(folder, manifest)
         limit = facts.CONTEXT_LENGTH
         self.n_ctx = int(n_ctx or min(text.get("n_ctx") or limit, limit))
@@ -205,7 +132,7 @@ class GgufEngine:
         if mtmd_trusted(manifest.get("mtmd_self_test"), self.text_path, self.mmproj_path, vision,
                         self.threads, model=self._model):
             return MtmdEncoder(self.mmproj_path, self._model, self.hidden_size, self.threads, gpu_layers != 0)
-        return _LazyVision(vision, self.hidden_size, self.threads) if vision else None
+        return LazyVision(vision, self.hidden_size, self.threads) if vision else None
 
     # --------------------------------------------------------------- text ----
     def tokenize(self, text: str) -> list[int]:
@@ -309,7 +236,7 @@ class GgufEngine:
         """What determines the image features and the KV state of a prefix: the files'
         digests, the quant, and the context settings that change numbers (not threads)."""
         folder, manifest, exact, gpu_layers = self._identity_parts
-        encoder = {_LazyVision: "vision.onnx"}.get(type(self._images), type(self._images).__name__)
+        encoder = {LazyVision: "vision.onnx"}.get(type(self._images), type(self._images).__name__)
         vision = [file_identity(folder, manifest, p.name) for p in (self.mmproj_path, self._vision_path) if p]
         features = {"backend": "gguf", "encoder": encoder, "vision": vision, "gpu_layers": gpu_layers,
                     "runtime": _versions()}
