@@ -48,7 +48,7 @@ def eval_command(data, model, backend, quant, threads, gpu_layers, limit, out_di
         from ..eval.fidelity import FIDELITY_CARD, compare as run_compare, parse_specs
 
         specs = parse_specs(compare, model, compare_root)
-        run_compare(specs, data, out, limit=limit, progress=not no_progress, **gen)
+        run_compare(specs, data, out, limit=limit, progress=not no_progress, threads=threads, **gen)
         click.echo((out / FIDELITY_CARD).read_text(encoding="utf-8"))
         return
     from ..eval.run import run_eval

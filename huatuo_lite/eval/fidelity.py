@@ -175,9 +175,11 @@ def fidelity_row(spec: Spec, report: dict, rows: dict, reference: dict) -> dict:
             "mean_kl": float(np.mean(kls)) if kls else 0.0}
 
 
-def compare(specs: Sequence[Spec], data, out_dir, limit=None, progress=True, **gen) -> list[dict]:
+def compare(specs: Sequence[Spec], data, out_dir, limit=None, progress=True, threads: int | None = None,
+            **gen) -> list[dict]:
     """Evaluate every spec (reference first) into out_dir/<spec>/ and return the
-    fidelity rows; also writes out_dir/fidelity.json and out_dir/FIDELITY.md."""
+    fidelity rows; also writes out_dir/fidelity.json and out_dir/FIDELITY.md.
+    `threads`: CPU threads of every engine (speed only: a resumed run may change it)."""
     from .run import load_items
 
     out_dir = Path(out_dir)
@@ -186,9 +188,9 @@ def compare(specs: Sequence[Spec], data, out_dir, limit=None, progress=True, **g
     for spec in specs:
         folder = out_dir / spec.slug
         extra = None if reference is None else (lambda item, ref=reference: ref[item.index]["logprobs"]["ids"])
+        options = {**QUANT_OPTIONS[spec.backend](spec.quant), **({"threads": threads} if threads else {})}
         report = run_eval(spec.path, data, folder, backend=spec.backend, limit=limit, progress=progress,
-                          load_options=QUANT_OPTIONS[spec.backend](spec.quant), keep_logprobs=True,
-                          extra_ids=extra, label=spec.name, **gen)
+                          load_options=options, keep_logprobs=True, extra_ids=extra, label=spec.name, **gen)
         results = _rows_by_index(folder, indices)
         reference = results if reference is None else reference
         rows.append(fidelity_row(spec, report, results, reference))
