@@ -12,9 +12,9 @@ from ..families.common import EVAL_MAX_NEW_TOKENS, GenerationConfig
 from ..families.llava import GENERATION_DEFAULTS
 
 
-# item kind -> default most new tokens (eval's scorer reads one letter; the rest answer in full)
-DEFAULT_MAX_TOKENS = {"eval": EVAL_MAX_NEW_TOKENS, "conversation": GENERATION_DEFAULTS.max_new_tokens,
-                      "question": GENERATION_DEFAULTS.max_new_tokens}
+# item kind -> default most new tokens (eval's scorer reads one letter; the rest answer in full:
+# None = the model's own max_new_tokens, its checkpoint's generation_config or its family's)
+DEFAULT_MAX_TOKENS = {"eval": EVAL_MAX_NEW_TOKENS, "conversation": None, "question": None}
 
 
 # -------------------------------------------------------------- answering ----

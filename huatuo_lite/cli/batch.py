@@ -25,7 +25,7 @@ from ..errors import HuatuoError
 @click.option("--temperature", type=TEMPERATURE, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--seed", type=SEED, help="Seed for sampling (0 or more).")
 @click.option("--max-tokens", type=MAX_TOKENS,
-              help="Most new tokens per answer (default: eval's budget for eval records, 512 otherwise).")
+              help="Most new tokens per answer (default: eval's budget for eval records, the model's own otherwise).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N records.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def batch(data, model, out, backend, quant, threads, ray_address, workers, temperature, seed, max_tokens, limit,
