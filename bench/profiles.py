@@ -1,7 +1,8 @@
 """Benchmark profiles (model shapes) and the model folders each one is measured on.
 
 A profile is a random-weight upstream-format checkpoint of a real shape, built by
-convert/tiny/make.py and converted by the normal paths (export_gguf, export_onnx,
+its family's tiny maker (MAKERS: convert/tiny/make.py for LLaVA, convert/qwen25vl/tiny.py
+for Qwen2.5-VL) and converted by the normal paths (export_gguf, export_onnx,
 quantize_onnx), so the benchmark times what a user would run. Folders are kept
 under WORK/<profile>/ and reused by later runs (each one is written atomically by
 its converter, so a folder with a manifest is complete).
@@ -21,6 +22,12 @@ from huatuo_lite.errors import HuatuoError
 # CLIP ViT-L/14-336, the tower every HuatuoGPT-Vision variant uses (576 image tokens).
 CLIP_L_336 = dict(vision_hidden_size=1024, vision_intermediate_size=4096, vision_layers=24, vision_heads=16)
 
+# Qwen2.5-VL-7B's vision tower (vision_config of Qwen/Qwen2.5-VL-7B-Instruct): 32 layers x 1280,
+# 16 heads of 80, SwiGLU 3420, 112-px windows with full attention in 7, 15, 23, 31;
+# out_hidden_size = the text width (the maker sets it).
+QWEN25VL_VISION = dict(vision_hidden_size=1280, vision_intermediate_size=3420, vision_depth=32, vision_heads=16,
+                       fullatt_block_indexes=(7, 15, 23, 31), window_size=112)
+
 GGUF_QUANTS = ("F16", "Q8_0", "Q4_K_M")
 ONNX_QUANTS = ("fp32", "int8", "int4")
 
@@ -28,8 +35,9 @@ ONNX_QUANTS = ("fp32", "int8", "int4")
 @dataclass(frozen=True)
 class Profile:
     name: str
-    sizes: dict                      # make_tiny(**sizes)
+    sizes: dict                      # MAKERS[maker](**sizes)
     about: str
+    maker: str = "make_tiny"         # key of MAKERS: the family's tiny maker
     new_tokens: int = 64             # decoded per question
     gguf_quants: tuple = GGUF_QUANTS
     onnx_quants: tuple = ONNX_QUANTS
@@ -48,6 +56,27 @@ PROFILES = {p.name: p for p in (
             "Qwen2-0.5B-shaped decoder + CLIP ViT-L/14-336 (~0.63B text + 0.3B vision parameters)",
             checkpoint_gb=3, row_gb={"gguf F16": 3, "gguf Q8_0": 2.5, "gguf Q4_K_M": 3.5,   # K-quant: + BF16 intermediate
                                      "onnx fp32": 3.5, "onnx int8": 2, "onnx int4": 1.5}),
+    # Qwen2.5-VL: the real vision tower + a Qwen2-0.5B text model (hidden 896, 14 heads of 64, 2 KV
+    # heads, SwiGLU 4864, 24 layers, 151936 rows); the 0.5B head is 64 wide, so mrope_section is the
+    # 7B's [16, 24, 24] scaled to 32 rotary pairs: [8, 12, 12].
+    Profile("qwen25vl-small", dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                                   num_kv_heads=2, vocab_rows=151936, mrope_section=(8, 12, 12),
+                                   num_shards=2, **QWEN25VL_VISION),
+            "Qwen2.5-VL vision tower (32 x 1280, ~0.67B) + Qwen2-0.5B-shaped text model, mrope_section "
+            "[8, 12, 12] (~0.63B)", maker="make_tiny_qwen25vl", new_tokens=32, gguf_quants=("F16", "Q4_K_M"),
+            skip_by_default=("torch fp32", "onnx fp32", "onnx int8", "onnx int4"), onnx_direct=True,
+            checkpoint_gb=3, row_gb={"gguf F16": 4, "gguf Q4_K_M": 5, "onnx fp32": 6, "onnx int8": 3,
+                                     "onnx int4": 3}),
+    # Qwen2.5-VL-7B: text 3584 wide, 28 layers, 28 heads of 128 / 4 KV, SwiGLU 18944, 152064 rows,
+    # mrope_section [16, 24, 24]; the same vision tower.
+    Profile("qwen25vl-7b", dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                                num_kv_heads=4, vocab_rows=152064, mrope_section=(16, 24, 24), num_shards=5,
+                                **QWEN25VL_VISION),
+            "Qwen2.5-VL-7B shape (manual: a ~17 GB bf16 checkpoint, hours on two cores; not run here)",
+            maker="make_tiny_qwen25vl", gguf_quants=("F16", "Q4_K_M"),
+            skip_by_default=("torch fp32", "onnx fp32", "onnx int8", "onnx int4", "gguf F16", "gguf Q4_K_M"),
+            onnx_direct=True, checkpoint_gb=17,
+            row_gb={"gguf F16": 17, "gguf Q4_K_M": 23, "onnx fp32": 33, "onnx int8": 10, "onnx int4": 6}),
     # Qwen2-7B: hidden 3584, 28 heads of 128, 4 KV heads, SwiGLU 18944, 28 layers, 152064 rows.
     Profile("7b", dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                        num_kv_heads=4, vocab_rows=152064, num_shards=8, **CLIP_L_336),
@@ -93,9 +122,15 @@ def _done(folder: Path) -> bool:
 
 # converter name -> "module:function"; each build runs in its own process (its peak RSS is its own)
 CONVERTERS = {"make_tiny": "huatuo_lite.convert.tiny.make:make_tiny",
+              "make_tiny_qwen25vl": "huatuo_lite.convert.qwen25vl.tiny:make_tiny_qwen25vl",
               "export_gguf": "huatuo_lite.convert.gguf.export:export_gguf",
               "export_onnx": "huatuo_lite.convert.onnx.export:export_onnx",
               "quantize_onnx": "huatuo_lite.convert.onnx.export:quantize_onnx"}
+
+
+# tiny maker (a CONVERTERS key) -> the arguments it takes beside the profile's sizes
+MAKERS = {"make_tiny": {"variant": "7b", "seed": 0},
+          "make_tiny_qwen25vl": {"layout": "before-4.52", "seed": 0}}
 
 
 def build(log: dict, key: str, converter: str, *args, **kwargs) -> None:
@@ -138,7 +173,7 @@ def prepare(profile: Profile, work: Path, labels: list[str], threads: int) -> tu
     ckpt = root / "ckpt"
     _check_disk(profile, root, labels)
     if not (ckpt / "config.json").is_file():
-        build(built, "checkpoint", "make_tiny", ckpt, variant="7b", seed=0, **profile.sizes)
+        build(built, "checkpoint", profile.maker, ckpt, **MAKERS[profile.maker], **profile.sizes)
     targets = []
     for label in labels:
         kind, quant = label.split()

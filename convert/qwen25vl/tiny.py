@@ -19,7 +19,10 @@ small and with random weights:
                                "model.language_model.*", "lm_head.*" from 4.52
 
 Sizes: the text head is 128 wide (hidden 256 / 2 heads) so that the real mrope_section
-[16, 24, 24] (64 rotary pairs) applies unchanged; the vision tower keeps 14-px patches,
+[16, 24, 24] (64 rotary pairs) applies unchanged; every size is a parameter (bench profiles
+build the real vision tower beside a Qwen2-0.5B text model, head 64, mrope_section [8, 12, 12]
+and 151936 embedding rows); the defaults write the tiny folder byte for byte as before. The
+vision tower keeps 14-px patches,
 temporal patch 2, 2x2 merge, 112-px windows and full attention in fullatt_block_indexes.
 Weights are drawn from one seeded generator in state-dict order, so both layouts hold
 bit-identical tensors. Their scale (STD) is larger than an init's so that greedy answers
@@ -81,11 +84,17 @@ class QwenTinySizes:
     fullatt_block_indexes: tuple = (1, 3)
     window_size: int = 112
     num_shards: int = 3
+    mrope_section: tuple = (16, 24, 24)   # (time, row, col) rotary pairs: sum = head_dim / 2
+    vocab_rows: int = 0               # embedding/lm_head rows; 0: the tokenizer size rounded up (embedding_rows)
 
 
 SIZE_RULES = (
-    (lambda s: s.hidden_size // s.num_heads == 128 and s.hidden_size % s.num_heads == 0,
-     "hidden_size / num_heads must be 128 (mrope_section [16, 24, 24] covers 64 rotary pairs)"),
+    (lambda s: s.hidden_size % s.num_heads == 0 and 2 * sum(s.mrope_section) == s.hidden_size // s.num_heads,
+     "hidden_size / num_heads must be 128 for mrope_section [16, 24, 24], in general twice the sum of "
+     "mrope_section"),
+    (lambda s: len(s.mrope_section) == 3 and min(s.mrope_section) > 0,
+     "mrope_section must be three positive rotary-pair counts (time, row, col)"),
+    (lambda s: s.vocab_rows >= 0, "vocab_rows must be 0 (from the tokenizer) or a positive row count"),
     (lambda s: s.num_heads % s.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads"),
     (lambda s: s.vision_hidden_size % (4 * s.vision_heads) == 0,
      "vision_hidden_size / vision_heads must be a multiple of 4 (2-D rotary)"),
@@ -142,7 +151,7 @@ def flat_config(s: QwenTinySizes, rows: int, ids: dict) -> dict:
             "tokens_per_second": 2,
             "temporal_patch_size": fam.TEMPORAL_PATCH_SIZE,
         },
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "rope_scaling": {"type": "mrope", "mrope_section": list(s.mrope_section)},
         "vocab_size": rows,
     }
 
@@ -236,7 +245,11 @@ def _tokenizer(root: Path, layout: str) -> dict:
 
 def _build(root: Path, s: QwenTinySizes, layout: str, seed: int, max_pixels: int) -> None:
     ids = _tokenizer(root, layout)
-    rows = embedding_rows(ids.pop("size"))
+    size = ids.pop("size")
+    if s.vocab_rows and s.vocab_rows < size:
+        raise HuatuoError(f"vocab_rows {s.vocab_rows} is below the tokenizer's {size} tokens: "
+                          "choose at least that many rows.")
+    rows = s.vocab_rows or embedding_rows(size)
     config_writer, preprocessor_writer, _ = LAYOUT_FILES[layout]
     flat = flat_config(s, rows, ids)
     config = config_writer(flat)
@@ -265,7 +278,8 @@ def make_tiny_qwen25vl(root, layout: str = "before-4.52", seed: int = 0, max_pix
     if unknown:
         raise HuatuoError(f"Unknown tiny size {sorted(unknown)[0]!r}: known sizes are "
                           f"{', '.join(asdict(QwenTinySizes()))}.")
-    chosen = replace(QwenTinySizes(), **sizes)
+    chosen = replace(QwenTinySizes(), **{key: tuple(value) if isinstance(value, list) else value
+                                         for key, value in sizes.items()})   # JSON gives lists
     broken = next((why for rule, why in SIZE_RULES if not rule(chosen)), None)
     if broken:
         raise HuatuoError(f"Bad tiny sizes: {broken}.")
