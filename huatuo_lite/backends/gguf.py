@@ -23,7 +23,8 @@ from ..manifest import check_sizes, files_with_role, read_manifest
 from .base import (ImageEmbeds, Segment, common_prefix, drop_positions, mrope_positions, position_keys,
                    segments_length)
 from .state import file_identity, segment_boundary
-from .gguf_files import LazyVision, check_mmproj, physical_cores, pick_text
+from .gguf_files import check_mmproj, physical_cores, pick_text
+from .vision_onnx import LazyVision
 from .gguf_llama import Batch, load_model, new_context, quiet_llama
 
 N_BATCH = 512

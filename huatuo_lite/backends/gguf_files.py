@@ -1,17 +1,14 @@
 """Which files of a converted GGUF folder to open, and the checks that name a file that does
-not belong: the text GGUF of a quant, the mmproj's width, the vision.onnx fallback (opened
-lazily), and the default thread count."""
+not belong: the text GGUF of a quant, the mmproj's width, and the default thread count
+(the vision.onnx fallback is vision_onnx.LazyVision)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import ModelFormatError
 from ..manifest import files_with_role
 from .gguf_llama import read_gguf_metadata
-from .vision_onnx import OnnxVisionEncoder
 
 # which text GGUF a folder holding several quants opens by default: small and good first
 QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0", "F16", "BF16", "F32")
@@ -57,33 +54,3 @@ def check_mmproj(folder: Path, manifest: dict, n_embd: int) -> Path | None:
                 f"another model; put back the mmproj converted with this model ({path.name} from the same "
                 "`huatuo-lite convert gguf` run).")
     return mmprojs[0] if mmprojs else None
-
-
-def check_vision(path: Path, n_embd: int, threads: int):
-    encoder = OnnxVisionEncoder(path, threads=threads)
-    if encoder.hidden_size != n_embd:
-        encoder.close()
-        raise ModelFormatError(
-            f"{path.name} produces image features of width {encoder.hidden_size} but the text model has "
-            f"{n_embd}: it belongs to another model; put back the vision.onnx converted with this model.")
-    return encoder
-
-
-class LazyVision(OnnxVisionEncoder):
-    """vision.onnx, opened at the first image that is not in the cache: a question answered
-    from the disk cache never pays its session (CLIP-L: 1.2 GB of fp32 weights read).
-    An OnnxVisionEncoder to its users; the session is the wrapped one's."""
-
-    def __init__(self, path: Path, width: int, threads: int):   # no session yet (no super().__init__)
-        self.path, self.width, self.threads = path, width, threads
-        self._encoder = None
-
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        if self._encoder is None:
-            self._encoder = check_vision(self.path, self.width, self.threads)
-        return self._encoder.encode(pixel_values)
-
-    def close(self) -> None:
-        if self._encoder is not None:
-            self._encoder.close()
-            self._encoder = None

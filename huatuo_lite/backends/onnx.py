@@ -20,7 +20,7 @@ from ..manifest import check_sizes, read_manifest
 from .token_pieces import PIECE_DECODERS
 from .base import ImageEmbeds, Segment, common_prefix, drop_positions, position_keys, segments_length
 from .state import file_identity, segment_boundary
-from .vision_onnx import OnnxVisionEncoder, make_session
+from .vision_onnx import LazyVision, make_session
 
 PREFILL_CHUNK = 512      # positions per decoder call in prefill: bounds the [L, V] logits buffer
 TOKENIZER_FILE = "tokenizer.json"
@@ -114,11 +114,14 @@ class OnnxEngine:
                                    "use the matching --backend or convert with `huatuo-lite convert onnx`.")
         check_sizes(self.folder, manifest)
         graphs = manifest["onnx"]["graphs"]
-        self.vision = OnnxVisionEncoder(self.folder / graphs["vision"], threads, providers)
+        text = manifest["text"]
+        if not (self.folder / graphs["vision"]).is_file():   # the rest of its checks at the first image
+            raise ModelFormatError(f"{self.folder / graphs['vision']} is missing; convert the model again or "
+                                   "copy the whole model folder.")
+        self.vision = LazyVision(self.folder / graphs["vision"], int(text["n_embd"]), threads, providers)
         self.embed = make_session(self.folder / graphs["embed"], threads, providers)
         self.decoder = make_session(self.folder / graphs["decoder"], threads, providers)
         self.tokenizer = TokenizerFile(self.folder / TOKENIZER_FILE)
-        text = manifest["text"]
         self.hidden_size, self.vocab_rows = int(text["n_embd"]), int(text["n_vocab"])
         self.n_ctx = int(text["n_ctx"])
         self.eos_token_ids = frozenset(int(i) for i in text["eos_token_ids"])

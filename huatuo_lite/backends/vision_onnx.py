@@ -86,3 +86,35 @@ class OnnxVisionEncoder:
 
     def close(self) -> None:
         self.session = None
+
+
+def check_vision(path: Path, n_embd: int, threads: int, providers=None):
+    """vision.onnx opened, its features' width checked against the text model's."""
+    encoder = OnnxVisionEncoder(path, threads=threads, providers=providers)
+    if encoder.hidden_size != n_embd:
+        encoder.close()
+        raise ModelFormatError(
+            f"{path.name} produces image features of width {encoder.hidden_size} but the text model has "
+            f"{n_embd}: it belongs to another model; put back the vision.onnx converted with this model.")
+    return encoder
+
+
+class LazyVision(OnnxVisionEncoder):
+    """vision.onnx, opened at the first image that is not in the cache: a question answered
+    from the disk cache never pays its session (CLIP-L: 1.2 GB of fp32 weights read); a
+    damaged file is then refused at that first image, with the same one sentence.
+    An OnnxVisionEncoder to its users; the session is the wrapped one's."""
+
+    def __init__(self, path: Path, width: int, threads: int, providers=None):   # no session yet
+        self.path, self.width, self.threads, self.providers = Path(path), width, threads, providers
+        self._encoder = None
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        if self._encoder is None:
+            self._encoder = check_vision(self.path, self.width, self.threads, self.providers)
+        return self._encoder.encode(pixel_values)
+
+    def close(self) -> None:
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
