@@ -77,7 +77,13 @@ def encode_images(engine: Engine, images: Sequence, cache: FeatureCache | None =
     `cache` (same preprocessed pixels) are not encoded again."""
     if not images:
         return []
-    pixels = image_mod.load_request(images, image_fit(engine))   # budgets checked before any decoding
+    return encode_pixels(engine, image_mod.load_request(images, image_fit(engine)), cache)
+
+
+def encode_pixels(engine: Engine, pixels: Sequence, cache: FeatureCache | None = None) -> list[ImageEmbeds]:
+    """Preprocessed images (load_request's) -> ImageEmbeds, through the feature cache."""
+    if len(pixels) == 0:
+        return []
     keys = [image_mod.image_digest(p) for p in pixels]
     found = {}
     for key in dict.fromkeys(keys):                       # unique, in order
@@ -107,8 +113,8 @@ class Generation:
         self.facts = family_of(engine)
         self.segments = prompt_mod.build_segments(turns, engine.tokenize, image_embeds, self.facts.NAME)
         self.prompt_tokens = segments_length(self.segments)
-        per_image = ", ".join(str(len(e.features)) for e in image_embeds) + " for the images" if image_embeds else None
-        prompt_mod.check_fits(self.prompt_tokens, config.max_new_tokens, engine.n_ctx, per_image)
+        prompt_mod.check_fits(self.prompt_tokens, config.max_new_tokens, engine.n_ctx,
+                              _per_image([len(e.features) for e in image_embeds]), self.facts.IMAGE_ADVICE)
         self.timings = {"image_encode_s": encode_seconds}
         self.answer: Answer | None = None
 
@@ -190,11 +196,27 @@ def run(engine: Engine, images: Sequence, question: str, history: Sequence = (),
 def run_turns(engine: Engine, turns: Sequence, images: Sequence,
               config: GenerationConfig | None = None, cache: FeatureCache | None = None) -> Generation:
     """Prepare the answer to the last (open) turn of a conversation."""
-    prompt_mod.validate(turns, family_of(engine).NAME)
+    facts = family_of(engine)
+    prompt_mod.validate(turns, facts.NAME)
+    config = config or GenerationConfig()
     start = time.perf_counter()
-    embeds = encode_images(engine, images, cache)
-    return Generation(engine, list(turns), embeds, config or GenerationConfig(), time.perf_counter() - start,
-                      cache=cache)
+    pixels = image_mod.load_request(images, image_fit(engine)) if images else []   # budgets checked first
+    # The prompt's length is known from the pixels' sizes: refuse one that cannot fit before the
+    # (costly: 85 s for a 3000x3000 Qwen2.5-VL image on two cores) encoding, not after it.
+    per_image = [facts.image_tokens(p) for p in pixels]
+    text = [t for t in prompt_mod.LAYOUTS[facts.NAME](list(turns), engine.tokenize) if t != prompt_mod.IMAGE_SLOT]
+    prompt_mod.check_fits(len(text) + sum(per_image), config.max_new_tokens, engine.n_ctx, _per_image(per_image),
+                          facts.IMAGE_ADVICE)
+    embeds = encode_pixels(engine, pixels, cache)
+    return Generation(engine, list(turns), embeds, config, time.perf_counter() - start, cache=cache)
+
+
+def _per_image(counts: list) -> str | None:
+    """How the images' tokens read in the prompt-length sentence: '576 per image', or (sizes
+    that differ, Qwen2.5-VL) '1255 for the images'."""
+    if not counts:
+        return None
+    return f"{counts[0]} per image" if len(set(counts)) == 1 else f"{sum(counts)} for the images"
 
 
 def peak_rss_mb() -> float:

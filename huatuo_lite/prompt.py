@@ -230,8 +230,10 @@ def _as_embeds(features) -> ImageEmbeds:
 
 
 # -------------------------------------------------------------- context ----
-def check_fits(n_prompt_tokens: int, max_new_tokens: int, n_ctx: int, per_image: str | None = None) -> None:
-    """Refuse a prompt that leaves no room for max_new_tokens in the context."""
+def check_fits(n_prompt_tokens: int, max_new_tokens: int, n_ctx: int, per_image: str | None = None,
+               fewer_images: str = "fewer images") -> None:
+    """Refuse a prompt that leaves no room for max_new_tokens in the context (fewer_images: the
+    family's advice, IMAGE_ADVICE)."""
     overflow = n_prompt_tokens + max_new_tokens - n_ctx
     if overflow <= 0:
         return
@@ -240,9 +242,9 @@ def check_fits(n_prompt_tokens: int, max_new_tokens: int, n_ctx: int, per_image:
         raise PromptError(
             f"The prompt takes {n_prompt_tokens} tokens ({per_image}), "
             f"{n_prompt_tokens - n_ctx + 1} too many for the model's context of {n_ctx} to hold "
-            "even one answer token: use fewer images, a shorter question or a shorter "
-            "conversation.")
+            f"even one answer token: use {fewer_images}, a shorter question or a shorter "
+            "conversation, or a larger --n-ctx (GGUF).")
     raise PromptError(
         f"The prompt ({n_prompt_tokens} tokens, {per_image}) plus --max-tokens {max_new_tokens} "
         f"overflows the model's context of {n_ctx} by {overflow} tokens: use --max-tokens "
-        f"{n_ctx - n_prompt_tokens} or less, fewer images, or a shorter question.")
+        f"{n_ctx - n_prompt_tokens} or less, {fewer_images}, a shorter question, or a larger --n-ctx (GGUF).")

@@ -32,7 +32,7 @@ Ctrl-C stops the answer being written; Ctrl-C twice at an empty prompt, or Ctrl-
 @sampling_options
 @click.option("--no-history", is_flag=True, help=f"Keep no question history (default: {HISTORY_FILE} under $HUATUO_LITE_HOME).")
 @quiet_option
-def chat(images, model, backend, quant, threads, gpu_layers, providers, temperature, top_p, top_k,
+def chat(images, model, backend, quant, threads, gpu_layers, providers, n_ctx, temperature, top_p, top_k,
          repetition_penalty, max_tokens, seed, no_history, quiet):
     """Talk about IMAGEs over several turns (upstream's history format).
 
@@ -51,7 +51,7 @@ def chat(images, model, backend, quant, threads, gpu_layers, providers, temperat
 
     show_notice(quiet)
     gen = generation_options(temperature, top_p, top_k, repetition_penalty, max_tokens, seed)
-    options = engine_options(quant, threads, gpu_layers, providers)
+    options = engine_options(quant, threads, gpu_layers, providers, n_ctx)
     with load(model_or_default(model), backend=backend, **options) as hv:
         session = hv.chat()
         for image in images:

@@ -126,7 +126,7 @@ def read_image_arg(value: str):
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON object: answer, token counts, usage, timings; errors as {\"error\": ...}.")
 @quiet_option
-def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, temperature, top_p, top_k,
+def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, n_ctx, temperature, top_p, top_k,
         repetition_penalty, max_tokens, seed, as_json, quiet):
     """Answer QUESTION about the IMAGEs (at most 6; `-` reads one from stdin).
 
@@ -142,7 +142,7 @@ def ask(args, attach, model, backend, quant, threads, gpu_layers, providers, tem
                                f"question as the last argument, e.g. huatuo-lite ask {question} \"What is shown?\".")
     try:
         answer_question(images, attach, question, model, backend, as_json, quiet,
-                        engine_options(quant, threads, gpu_layers, providers),
+                        engine_options(quant, threads, gpu_layers, providers, n_ctx),
                         generation_options(temperature, top_p, top_k, repetition_penalty, max_tokens, seed))
     except HuatuoError as exc:
         if as_json:      # stdout stays one JSON object; the sentence and exit code are as without --json

@@ -3,7 +3,7 @@
     @click.command()
     @model_options
     @sampling_options
-    def ask(..., model, backend, quant, threads, gpu_layers, providers,
+    def ask(..., model, backend, quant, threads, gpu_layers, providers, n_ctx,
             temperature, top_p, top_k, repetition_penalty, max_tokens, seed): ...
 
 `engine_options()` and `generation_options()` turn those parameters into the
@@ -27,6 +27,9 @@ MODEL_OPTIONS = (
     click.option("--gpu-layers", type=click.IntRange(-1), help="Layers offloaded to Metal/CUDA (GGUF; -1 = all)."),
     click.option("--provider", "providers", multiple=True,
                  help="onnxruntime execution provider: cpu, cuda, coreml (ONNX)."),
+    click.option("--n-ctx", "n_ctx", type=click.IntRange(64),
+                 help="Context length in tokens (GGUF; default: the model's, at most 4096 for the LLaVA family, "
+                      "8192 for Qwen2.5-VL, whose large images take more tokens)."),
 )
 
 
@@ -66,9 +69,10 @@ model_options = _stack(MODEL_OPTIONS)
 sampling_options = _stack(SAMPLING_OPTIONS)
 
 
-def engine_options(quant=None, threads=None, gpu_layers=None, providers=()) -> dict:
+def engine_options(quant=None, threads=None, gpu_layers=None, providers=(), n_ctx=None) -> dict:
     """`api.load()` keywords for the options given (left-out ones keep the engine's default)."""
-    given = dict(quant=quant, threads=threads, gpu_layers=gpu_layers, providers=list(providers) or None)
+    given = dict(quant=quant, threads=threads, gpu_layers=gpu_layers, providers=list(providers) or None,
+                 n_ctx=n_ctx)
     return {key: value for key, value in given.items() if value is not None}
 
 

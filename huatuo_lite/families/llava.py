@@ -50,6 +50,14 @@ def grid_of(pixels) -> None:
     return None
 
 
+IMAGE_ADVICE = "fewer images"   # what shortens a prompt's image part (every image is 576 tokens)
+
+
+def image_tokens(pixels) -> int:
+    """Every image gives 576 features (CLS dropped)."""
+    return IMAGE_TOKENS
+
+
 # ------------------------------------------------------------ generation ----
 GENERATION_DEFAULTS = GenerationConfig()
 PENALIZE_PROMPT = False   # upstream passes inputs_embeds only: the penalty never sees the prompt

@@ -98,6 +98,9 @@ def smart_resize(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixe
     return h_bar, w_bar
 
 
+IMAGE_ADVICE = "fewer or smaller images"   # an image's tokens follow its size
+
+
 def grid_of(pixels: np.ndarray) -> tuple[int, int]:
     """Merged feature grid (rows, cols) of one preprocessed image [3, h, w]."""
     _, height, width = pixels.shape
