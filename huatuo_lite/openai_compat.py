@@ -7,7 +7,8 @@
 Images may be data URIs, file: URLs or local paths; nothing is fetched from the
 network. `image_source` is the one place that decides which of these a URL is:
 the server confines what it calls a path, and the loader reads exactly that, so
-the two cannot disagree. Upstream has no system prompt: system messages are ignored.
+the two cannot disagree. System messages before the first user message become the system
+prompt of a family whose template has one (Qwen2.5-VL); LLaVA upstream has none and ignores them.
 """
 from __future__ import annotations
 
@@ -134,17 +135,20 @@ def messages_to_turns(messages) -> tuple[list, list]:
     """(turns, images): user messages open turns, assistant messages answer them."""
     if not isinstance(messages, list):
         raise PromptError("messages must be a list of {'role': ..., 'content': ...} objects; see the OpenAI chat format.")
-    turns, images = [], []
+    turns, images, system = [], [], []
     for message in messages:
         role = message.get("role") if isinstance(message, dict) else None
         if role == "system":
+            if not turns:
+                system.append(message_parts(message.get("content"))[0])
             continue
         text, parts_images = message_parts(message.get("content") if isinstance(message, dict) else None)
         if role == "user":
-            turns.append(Turn(question=text, n_images=len(parts_images)))
+            turns.append(Turn(question=text, n_images=len(parts_images),
+                              system="\n".join(system) if system and not turns else None))
             images += parts_images
         elif role == "assistant" and turns and turns[-1].answer is None:
-            turns[-1] = Turn(turns[-1].question, turns[-1].n_images, answer=text)
+            turns[-1] = Turn(turns[-1].question, turns[-1].n_images, answer=text, system=turns[-1].system)
         else:
             raise PromptError(f"Unexpected {shown(str(role))!r} message: alternate user and assistant messages, "
                               "ending with a user one.")

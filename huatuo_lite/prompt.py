@@ -43,6 +43,9 @@ class Turn:
     question: str
     n_images: int = 0
     answer: str | None = None
+    # a system prompt, read on the first turn only, by a family whose template has one
+    # (Qwen2.5-VL: replaces its default; LLaVA upstream has none and ignores it)
+    system: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def _check_turn(turn: Turn, is_last: bool, facts=family) -> None:
     if not is_utf8_text(turn.question):
         raise PromptError("The question is not valid UTF-8 text (it holds undecodable bytes): "
                           "type it again or set the terminal to UTF-8.")
-    marker = facts.reserved_in(turn.question)
+    marker = facts.reserved_in(turn.question) or (facts.reserved_in(turn.system) if turn.system else None)
     if marker is not None:
         raise PromptError(
             f"The question contains the text {marker!r}, which {facts.RESERVED_MEANING}: "

@@ -154,9 +154,12 @@ def positions(spans: Sequence[Span], start: int = 0) -> tuple[np.ndarray, int]:
 
 
 # ---------------------------------------------------------------- prompt ----
-def render(turns: Sequence, system: str = DEFAULT_SYSTEM) -> str:
+def render(turns: Sequence, system: str | None = None) -> str:
     """The chat template's text for turns (prompt.Turn: question, n_images, answer), the
-    last turn left open: images first in each user turn, as upstream's messages put them."""
+    last turn left open: images first in each user turn, as upstream's messages put them.
+    The system prompt: `system`, else the first turn's, else the template's default."""
+    first = getattr(turns[0], "system", None) if turns else None
+    system = next((s for s in (system, first) if s is not None), DEFAULT_SYSTEM)
     text = f"{IM_START}system\n{system}{IM_END}\n"
     for turn in turns:
         text += f"{IM_START}user\n{IMAGE_TEXT * turn.n_images}{turn.question}{IM_END}\n{IM_START}assistant\n"
