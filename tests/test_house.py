@@ -92,3 +92,14 @@ def test_runtime_never_imports_convert():
     heavy = {m: sorted(t for t in imports(m, p) if t.startswith("huatuo_lite.convert") or t == "convert"
                        or t.startswith("convert.")) for m, p in runtime.items()}
     assert not {m: t for m, t in heavy.items() if t}, "runtime modules import the heavy side"
+
+
+def test_test_modules_have_unique_names():
+    # tests/ has no __init__.py files, so pytest imports each test module by its file name: two
+    # test_gguf_export.py in different folders break collection of the whole suite
+    seen: dict = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.name not in ("conftest.py", "__init__.py"):
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not clashes, f"test module names used twice (rename one, e.g. with its folder's prefix): {clashes}"

@@ -192,3 +192,33 @@ def iter_file_tensors(entries: dict) -> Iterator:
     for path, group in groupby(entries.items(), key=lambda kv: kv[1].path):
         items = list(group)
         yield from FILE_ITERATORS[items[0][1].kind](path, items)
+
+
+class TensorStore:
+    """Named tensors of a checkpoint folder, read lazily: the part every family's checkpoint
+    object shares. `_entries`: canonical name -> TensorEntry, in file order; `root`: the folder."""
+
+    root: Path
+    _entries: dict
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tensor of {self.root}") from None
+
+    def shape(self, name: str) -> tuple:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> str:
+        return self._entry(name).dtype
+
+    def get(self, name: str):
+        return load_tensor(self._entry(name))
+
+    def iter_tensors(self, prefix: str = "") -> Iterator:
+        """(name, tensor) for every tensor whose name starts with prefix, shard by shard."""
+        return iter_file_tensors({n: e for n, e in self._entries.items() if n.startswith(prefix)})

@@ -29,7 +29,6 @@ Dimensions: convert/checkpoint/dims.py. Weight files: convert/checkpoint/files.p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.families.llava import VARIANT_BY_ARCHITECTURE, VARIANTS
@@ -38,7 +37,7 @@ from huatuo_lite.families.text import HF_DEFAULT_TEXT_TYPE, TEXT_ARCHS
 from .dims import (HF_PROJECTOR_KINDS, PROJECTOR_PREFIX, VISION_PREFIX, ProjectorConfig,
                               TextConfig, VisionConfig, check_widths, projector_config,
                               read_vit_config, text_config, vision_config)
-from .files import TensorEntry, find_weights, iter_file_tensors, load_tensor
+from .files import TensorStore, find_weights
 from huatuo_lite.jsonrecords import read_json_object
 
 # Canonical prefix -> prefix in the -hf layouts. Old: transformers < 4.52 (the
@@ -88,7 +87,7 @@ def to_canonical_name(stored: str, table: dict) -> str:
     return _swap_prefix(stored, inverse) or stored
 
 
-class Checkpoint:
+class Checkpoint(TensorStore):
     """An upstream model folder. Attributes: root, variant (family.Variant),
     config (raw config.json dict), text, vision, projector, tokenizer_dir.
 
@@ -107,28 +106,6 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.root)!r}, variant={self.variant.name!r}, tensors={len(self._entries)})"
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def _entry(self, name: str) -> TensorEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not a tensor of {self.root}") from None
-
-    def shape(self, name: str) -> tuple:
-        return self._entry(name).shape
-
-    def dtype(self, name: str) -> str:
-        return self._entry(name).dtype
-
-    def get(self, name: str):
-        return load_tensor(self._entry(name))
-
-    def iter_tensors(self, prefix: str = "") -> Iterator:
-        wanted = {n: e for n, e in self._entries.items() if n.startswith(prefix)}
-        return iter_file_tensors(wanted)
 
 
 # ------------------------------------------------------------- detection ----

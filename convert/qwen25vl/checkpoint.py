@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 from huatuo_lite.errors import ModelFormatError
 from huatuo_lite.families import config_family, qwen25vl as fam
@@ -29,7 +28,7 @@ from huatuo_lite.jsonrecords import read_json_object
 
 from ..checkpoint.family import folder_family
 
-from ..checkpoint.files import TensorEntry, find_weights, iter_file_tensors, load_tensor
+from ..checkpoint.files import TensorStore, find_weights
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # Non-persistent buffers older transformers versions saved: not weights.
@@ -265,12 +264,12 @@ def _check_tensors(entries: dict, spec: list, root: Path) -> None:
                                f"implies {list(wanted[odd])}; the weights and config.json do not belong together.")
 
 
-class QwenCheckpoint:
+class QwenCheckpoint(TensorStore):
     """An upstream Qwen2.5-VL folder. Attributes: root, config (raw config.json), layout
     ("before-4.52" | "from-4.52"), text, vision, ids (TokenIds), image_pixels (min, max),
     generation (families' GenerationConfig), eos_token_ids, chat_template (str | None), tokenizer_dir.
     names() canonical; shape(name), dtype(name), get(name) -> torch.Tensor (stored dtype);
-    tensors(prefix="") -> (canonical name, tensor) one file at a time (safetensors are mmapped)."""
+    iter_tensors(prefix="") -> (canonical name, tensor) one file at a time (safetensors are mmapped)."""
 
     variant = fam.VARIANT
 
@@ -281,27 +280,6 @@ class QwenCheckpoint:
 
     def __repr__(self) -> str:
         return f"QwenCheckpoint({str(self.root)!r}, layout={self.layout!r}, tensors={len(self._entries)})"
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def _entry(self, name: str) -> TensorEntry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"{name!r} is not a tensor of {self.root}") from None
-
-    def shape(self, name: str) -> tuple:
-        return self._entry(name).shape
-
-    def dtype(self, name: str) -> str:
-        return self._entry(name).dtype
-
-    def get(self, name: str):
-        return load_tensor(self._entry(name))
-
-    def tensors(self, prefix: str = "") -> Iterator:
-        return iter_file_tensors({n: e for n, e in self._entries.items() if n.startswith(prefix)})
 
 
 def open_qwen25vl(path, allow_pickle: bool = False) -> QwenCheckpoint:

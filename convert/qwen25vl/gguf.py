@@ -144,7 +144,7 @@ def text_arrays(ckpt):
         return None if mapped is None else (mapped[0], tensor)
 
     for prefix in TEXT_PREFIXES:       # never loads the vision tower's tensors
-        yield from iter_mapped(ckpt.tensors(prefix), convert)
+        yield from iter_mapped(ckpt.iter_tensors(prefix), convert)
 
 
 def special_ids(ckpt) -> dict:

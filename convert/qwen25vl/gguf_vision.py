@@ -140,7 +140,7 @@ def mmproj_plan(ckpt, qtype) -> list[PlannedTensor]:
 
 def mmproj_arrays(ckpt):
     """(GGUF name, torch tensor) streamed from the checkpoint's visual.* tensors."""
-    for canonical, tensor in ckpt.tensors(PREFIX):
+    for canonical, tensor in ckpt.iter_tensors(PREFIX):
         for name, _, part in mmproj_parts(canonical, tuple(tensor.shape)):
             yield name, (tensor if part is None else part(tensor).contiguous())
 
@@ -193,7 +193,7 @@ def torch_features(ckpt, pixels: np.ndarray) -> np.ndarray:
     config = Qwen2_5_VLVisionConfig(**{k: v for k, v in ckpt.config["vision_config"].items() if k != "model_type"})
     config._attn_implementation = "eager"
     tower = Qwen2_5_VisionTransformerPretrainedModel(config).float().eval()
-    state = {name[len(PREFIX):]: tensor.float() for name, tensor in ckpt.tensors(PREFIX)}
+    state = {name[len(PREFIX):]: tensor.float() for name, tensor in ckpt.iter_tensors(PREFIX)}
     tower.load_state_dict(state, strict=True)
     patches, grid = family.patchify(pixels)
     with torch.no_grad():

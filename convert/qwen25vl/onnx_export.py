@@ -37,23 +37,6 @@ from .onnx_vision import VisionDims, export_vision_streamed, vision_dims
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
 
 
-class _Weights:
-    """The checkpoint as convert/onnx/stream.py reads one (QwenCheckpoint names its
-    iterator tensors(); stream.py's LLaVA Checkpoint calls it iter_tensors())."""
-
-    def __init__(self, ckpt):
-        self.ckpt, self.root = ckpt, ckpt.root
-
-    def names(self) -> list:
-        return self.ckpt.names()
-
-    def get(self, name: str):
-        return self.ckpt.get(name)
-
-    def iter_tensors(self, prefix: str = ""):
-        return self.ckpt.tensors(prefix)
-
-
 def manifest(ckpt, dims: VisionDims, files: dict, onnx_section: dict) -> dict:
     t = ckpt.text
     generation = asdict(ckpt.generation)
@@ -94,7 +77,7 @@ def write_onnx_folder(ckpt, out_dir, quant: str = "int4", vision_quant: str = "f
     if embed_quant not in (EMBED_QUANT[quant], "fp16"):
         raise HuatuoError(f"--embed-quant {embed_quant} is not supported with --quant {quant}: "
                           f"use {EMBED_QUANT[quant]} or fp16.")
-    t, dims, weights = ckpt.text, vision_dims(ckpt), _Weights(ckpt)
+    t, dims, weights = ckpt.text, vision_dims(ckpt), ckpt
     modes = {VISION: vision_quant, EMBED: embed_quant, DECODER: quant}
     files = {}
     with staging_dir(out_dir) as stage:

@@ -58,7 +58,7 @@ def test_reader_gives_the_same_facts_and_tensors_for_both_layouts(qwen_tiny_fold
     added = {t["content"]: t["id"] for t in tok["added_tokens"]}
     assert before.eos_token_ids == after.eos_token_ids == {added["<|im_end|>"], added["<|endoftext|>"]}
     assert before.names() == after.names() and "visual.merger.mlp.2.weight" in before.names()
-    for (name_a, a), (name_b, b) in zip(before.tensors(), after.tensors()):
+    for (name_a, a), (name_b, b) in zip(before.iter_tensors(), after.iter_tensors()):
         assert name_a == name_b and torch.equal(a, b)
 
 

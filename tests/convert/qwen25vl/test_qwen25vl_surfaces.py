@@ -3,7 +3,7 @@ ONNX fp32 where cheap): `ask` (plain and --json, the research notice), DICOM inp
 `chat`, the OpenAI-compatible server, `batch`, `eval` with the model's own generation defaults,
 `eval --compare` against the torch reference, `models info/list`, and the disk caches. Each
 surface is compared with the Python API's greedy answer on the same folder, which
-test_gguf_answers.py proves equal to transformers' generate token for token."""
+test_qwen25vl_gguf_answers.py proves equal to transformers' generate token for token."""
 from __future__ import annotations
 
 import json
