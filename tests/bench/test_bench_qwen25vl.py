@@ -71,7 +71,7 @@ def test_profile_build_path_writes_a_folder_the_reader_opens(tmp_path):
         (128, 64, (8, 12, 12), 2048)
     assert (ckpt.vision.depth, ckpt.vision.hidden_size, ckpt.vision.out_hidden_size,
             ckpt.vision.fullatt_block_indexes) == (2, 64, 128, (1,))
-    names = {name for name, _ in ckpt.tensors()}
+    names = {name for name, _ in ckpt.iter_tensors()}
     assert "model.embed_tokens.weight" in names and "visual.merger.mlp.2.weight" in names
 
 
