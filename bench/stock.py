@@ -87,8 +87,12 @@ def parse_mtmd_log(text: str) -> dict:
     if found["prompt_eval_ms"]:
         prompt_s = float(found["prompt_eval_ms"].group(1)) / 1000
         prompt_n = int(found["prompt_eval_ms"].group(2))
+        # llama.cpp's prompt clock starts at the first decode of the prompt (the text before the
+        # image) and stops at the next synchronize (reading the last logits): the image encode in
+        # between is inside it, so the prompt eval time IS the time to first token (adding the
+        # encode again counted it twice, as bench/README.md's correction says)
         result.update(prefill_s=prompt_s, prefill_tokens_per_s=prompt_n / prompt_s if prompt_s else 0.0,
-                      time_to_first_token_s=result["image_encode_s"] + prompt_s, prompt_tokens=prompt_n)
+                      time_to_first_token_s=prompt_s, prompt_tokens=prompt_n)
     if found["eval_ms"] and int(found["eval_ms"].group(2)) > 1:
         eval_s, runs = float(found["eval_ms"].group(1)) / 1000, int(found["eval_ms"].group(2))
         result.update(decode_s=eval_s, decode_tokens_per_s=runs / eval_s)
