@@ -66,7 +66,7 @@ def ask(folder, image, question, cache, threads, new_tokens, no_cache=False, qua
     t = out["timings"]
     return {"wall_s": round(wall, 3), "ttft_s": round(t["time_to_first_token_s"], 4),
             "image_s": round(t["image_encode_s"], 4), "prefill_s": round(t["prefill_s"], 4),
-            "hit": t.get("prefix_cache_hit"), "answer": out["answer"]}
+            "hit": t.get("prefix_cache_hit"), "answer": out["answer"], "token_ids": out.get("token_ids")}
 
 
 def entry_sizes(cache: Path) -> dict:
@@ -95,7 +95,9 @@ def rounds(label, folder, quant, images, threads, new_tokens, repeat) -> dict:
                 got[name] = ask(folder, images[r], Q2, cache, threads, new_tokens, no_cache=name == "cold",
                                 quant=quant)
             row = {"round": r + 1, "first": first, **got, "entry_bytes": sizes,
-                   "same_answer": got["second"]["answer"] == got["cold"]["answer"],
+                   # token ids, not only text: a random-weight model's answer text may be empty
+                   "same_answer": (got["second"]["answer"], got["second"]["token_ids"])
+                                  == (got["cold"]["answer"], got["cold"]["token_ids"]),
                    "second_over_first": round(got["second"]["wall_s"] / first["wall_s"], 3),
                    "second_over_cold": round(got["second"]["wall_s"] / got["cold"]["wall_s"], 3)}
             per_round.append(row)

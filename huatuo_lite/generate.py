@@ -53,10 +53,10 @@ class Answer:
                 "image_ms": t.get("image_encode_s", 0.0) * 1000}
 
     def to_dict(self) -> dict:
-        """`ask --json`'s object: answer, token counts, `usage`, and `timings` holding
-        both our names (prefill_s, ...) and llama-server's (prompt_ms, ...)."""
+        """`ask --json`'s object: answer, its token ids, token counts, `usage`, and `timings`
+        holding both our names (prefill_s, ...) and llama-server's (prompt_ms, ...). The ids let
+        a script compare two answers exactly (a random-weight model's text may be empty)."""
         data = asdict(self)
-        data.pop("token_ids")
         data["answer"] = data.pop("text")
         data["usage"] = self.usage()
         data["timings"] = {**self.timings, **self.llama_timings()}
