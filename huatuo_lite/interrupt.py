@@ -8,6 +8,13 @@ sentence and exit 130 / 143 / 129 (128 + the signal's number, as shells do).
     with reporting(out_dir, "manifest.json"):   # the sentence says whether out_dir was completed
         export(...)
 
+A signal that arrives while the main thread is inside a long native call (a 7B image encode
+took 49 s; a 512-token prefill batch tens of seconds) cannot raise until the call returns: a
+watchdog thread, woken by the signal itself (signal.set_wakeup_fd), then says the sentence and
+ends the process with the same exit code after GRACE_S, unless the main thread has begun to
+handle it or holds it in deferred(). Nothing is half-written by that: outputs are renamed into
+place inside deferred(), and a staging folder left behind is removed by the next run (fsutil.py).
+
 Without install() (library use) SIGTERM/SIGHUP keep their default action
 (the process dies; the next run into the folder removes its staging, see
 fsutil.py) and Ctrl-C raises the usual KeyboardInterrupt.
@@ -17,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 # signal -> (name in the sentence, exit code)
@@ -43,9 +52,13 @@ class Interrupted(KeyboardInterrupt):
 
 _pending: list[int] = []      # signals that arrived inside deferred(), replayed at its end
 _deferring = 0
+_handled = [0]                # signals the main thread's handler has seen (the watchdog reads it)
+GRACE_S = 3.0                 # how long the watchdog waits for the main thread to act on a signal
+_watching: list = []          # the watchdog is started once per process
 
 
 def _handler(signum, frame):
+    _handled[0] += 1
     if _deferring:
         _pending.append(signum)
         return
@@ -53,9 +66,38 @@ def _handler(signum, frame):
 
 
 def install() -> None:
-    """Turn SIGINT, SIGTERM and SIGHUP into Interrupted (main thread only)."""
+    """Turn SIGINT, SIGTERM and SIGHUP into Interrupted (main thread only), with the watchdog
+    for signals that arrive during a long native call."""
     for signum in SIGNALS:
         signal.signal(signum, _handler)
+    if _watching:
+        return
+    _watching.append(True)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_watchdog, args=(read_fd,), name="signal-watchdog", daemon=True).start()
+
+
+def _watchdog(read_fd: int) -> None:
+    """Wake on each signal; if the main thread has not run its handler within GRACE_S (it is
+    inside native code) and holds no deferred() block, end the process as the handler would."""
+    while True:
+        try:
+            data = os.read(read_fd, 1)
+        except OSError:
+            return
+        if not data or data[0] not in SIGNALS:
+            continue
+        signum, seen = data[0], _handled[0]
+        deadline = time.monotonic() + GRACE_S
+        while time.monotonic() < deadline and _handled[0] == seen:
+            time.sleep(0.05)
+        if _handled[0] == seen and not _deferring:
+            exc = Interrupted(signum)
+            sys.stderr.write(f"\n{exc.sentence()}\n")       # as cli/main.py says it
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
 
 
 @contextlib.contextmanager

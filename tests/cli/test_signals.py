@@ -212,3 +212,30 @@ def test_full_disk_is_one_sentence(command, tiny_7b, eval_set, tmp_path):
     assert "LEFT" not in result.stdout, result.stdout
 
 
+
+
+NATIVE_WAIT = """
+import signal, sys, time
+from huatuo_lite import interrupt
+interrupt.install()
+# The main thread stands for one inside a long native call (a 49 s image encode): with SIGTERM
+# masked there, nothing interrupts its sleep and no Python handler can run before it returns.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+print("READY", flush=True)
+time.sleep(60)
+print("the sleep ended: the watchdog did not act", flush=True)
+"""
+
+
+def test_a_signal_during_a_long_native_call_ends_the_run_after_the_grace(tmp_path):
+    from huatuo_lite.interrupt import GRACE_S
+
+    proc = subprocess.Popen([sys.executable, "-c", NATIVE_WAIT], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "READY"
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    waited = time.monotonic() - start
+    assert proc.returncode == 143 and "Interrupted by SIGTERM." in err and "did not act" not in out
+    assert GRACE_S - 0.5 < waited < GRACE_S + 5
