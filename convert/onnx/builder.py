@@ -226,20 +226,30 @@ def mlp(g: Graph, t, i: int, x: str) -> str:
     return g.linear(g.op("Mul", act, up), p + "down_proj.weight", (t.hidden_size, t.intermediate_size))
 
 
-def build_decoder(t, names: set, mode: str = "fp32", block_size: int = 32, plan: NBitsPlan | None = None) -> Graph:
+ROTARY_INPUTS = ("rotary_cos", "rotary_sin")
+
+
+def build_decoder(t, names: set, mode: str = "fp32", block_size: int = 32, plan: NBitsPlan | None = None,
+                  rotary_inputs: bool = False) -> Graph:
     """The decoder graph for TextConfig `t`; `names`: the checkpoint's canonical
     tensor names (they say which biases exist and whether lm_head is tied); `plan`:
-    int4's algorithm, symmetry and parts kept at 8 bits."""
+    int4's algorithm, symmetry and parts kept at 8 bits. rotary_inputs: the rotary
+    table comes in as inputs rotary_cos / rotary_sin [B, L, hd] (Qwen2.5-VL's 3-D
+    positions, computed by the runtime) instead of being built from position_ids [B, L]."""
     g = Graph(mode, block_size, plan, t.num_layers)
     hd = t.hidden_size // t.num_heads
+    positions = ([value_info(name, FLOAT, ["b", "l", hd]) for name in ROTARY_INPUTS] if rotary_inputs
+                 else [value_info("position_ids", TensorProto.INT64, ["b", "l"])])
     g.inputs = [value_info("inputs_embeds", FLOAT, ["b", "l", t.hidden_size]),
-                value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
-                value_info("position_ids", TensorProto.INT64, ["b", "l"])]
+                value_info("attention_mask", TensorProto.INT64, ["b", "s"]), *positions]
     for i in range(t.num_layers):
         g.inputs += [value_info(f"past_key_values.{i}.{kind}", FLOAT, ["b", t.num_kv_heads, "p", hd])
                      for kind in ("key", "value")]
     g.outputs = [value_info("logits", FLOAT, ["b", "l", t.vocab_size])]
-    cos, sin = rotary(g, t, hd)
+    if rotary_inputs:   # [B, L, hd] -> [B, 1, L, hd]: broadcast over the heads as rotary()'s output
+        cos, sin = (g.to_compute(g.op("Unsqueeze", name, g.const([1]))) for name in ROTARY_INPUTS)
+    else:
+        cos, sin = rotary(g, t, hd)
     bias = mask_bias(g)
     x = g.to_compute("inputs_embeds")
     for i in range(t.num_layers):
