@@ -79,9 +79,18 @@ def mrope_positions(segments: Sequence[Segment], start: int = 0) -> tuple[np.nda
     position; images must carry their grid."""
     from ..families.qwen25vl import Span, positions
 
-    spans = [Span(len(s.features), s.grid) if isinstance(s, ImageEmbeds) else Span(len(s)) for s in segments]
-    if any(isinstance(s, ImageEmbeds) and s.grid is None for s in segments):
-        raise ValueError("an image segment has no grid: 3-D positions need each image's (rows, cols)")
+    from ..errors import PromptError
+
+    spans = []
+    for seg in segments:
+        if not isinstance(seg, ImageEmbeds):
+            spans.append(Span(len(seg)))
+            continue
+        grid = seg.grid
+        if grid is None or int(grid[0]) * int(grid[1]) != len(seg.features):
+            raise PromptError(f"An image of {len(seg.features)} features has grid {grid}; Qwen2.5-VL's positions "
+                              "need each image's (rows, cols) grid with rows*cols features: encode it again.")
+        spans.append(Span(len(seg.features), (int(grid[0]), int(grid[1]))))
     return positions(spans, start)
 
 

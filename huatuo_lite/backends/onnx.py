@@ -137,6 +137,7 @@ class OnnxEngine:
         self._past: list | None = None                       # [1, kvh, P, hd] float32 per name
         self._manifest, self._providers = manifest, list(providers or [])
         self._cached_keys: list = []                         # position keys of what _past holds
+        self._next_position = 0                              # where step() continues
         self.reused_positions = 0
 
     # --------------------------------------------------------------- text ----
@@ -170,14 +171,27 @@ class OnnxEngine:
                 parts.append(self._embed_ids(segment))
         return np.concatenate(parts, axis=0)
 
-    def _run(self, embeds: np.ndarray) -> np.ndarray:
-        """Decoder over embeds [L, H] after the kept cache -> logits [L, V]; grows the cache."""
+    position_streams = 1   # rows of _prompt_positions' array
+
+    # Positions: the family's hook pair. LLaVA: 1-D, one stream [1, L]; Qwen2.5-VL overrides both
+    # (3-D M-RoPE positions [3, L] fed as rotary tables).
+    def _prompt_positions(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
+        """Positions int64 [streams, L] of the whole prompt and the position the next token takes."""
+        length = segments_length(segments)
+        return np.arange(length, dtype=np.int64)[None], length
+
+    def _position_feeds(self, positions: np.ndarray) -> dict:
+        return {"position_ids": positions[:1]}                 # [1, L]: batch of one
+
+    def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Decoder over embeds [L, H] at `positions` [streams, L] after the kept cache -> logits
+        [L, V]; grows the cache."""
         past_len = self._past[0].shape[2]
         length = embeds.shape[0]
         feeds = {
             "inputs_embeds": embeds[None].astype(np.float32, copy=False),
             "attention_mask": np.ones((1, past_len + length), np.int64),
-            "position_ids": np.arange(past_len, past_len + length, dtype=np.int64)[None],
+            **self._position_feeds(positions),
             **dict(zip(self._past_names, self._past)),
         }
         outputs = self.decoder.run(["logits", *self._present_names], feeds)
@@ -195,19 +209,22 @@ class OnnxEngine:
             raise PromptError("The prompt is empty: give at least one token.")
         if length > self.n_ctx:
             raise PromptError(f"The prompt has {length} positions but the context holds {self.n_ctx}: shorten it.")
+        positions, next_position = self._prompt_positions(segments)          # [streams, L], all of the prompt
         keys = position_keys(segments)
         # Reuse whole segments of what the cache holds (the prefix of a follow-up question);
         # each segment runs as its own chunks, so the numbers are those of a cold prefill.
         keep = 0 if all_logits or past is None else segment_boundary(segments, common_prefix(held, keys))
         self._past = [np.ascontiguousarray(a[:, :, :keep]) for a in past] if keep else self._empty_cache()
         self.reused_positions = keep
-        rows = []
+        rows, offset = [], keep
         for segment in drop_positions(segments, keep):
             embeds = self._embed_segments([segment])
             for start in range(0, len(embeds), PREFILL_CHUNK):
-                logits = self._run(embeds[start:start + PREFILL_CHUNK])
+                chunk = embeds[start:start + PREFILL_CHUNK]
+                logits = self._run(chunk, positions[:, offset:offset + len(chunk)])
+                offset += len(chunk)
                 rows.append(logits if all_logits else logits[-1:])
-        self._cached_keys = keys
+        self._cached_keys, self._next_position = keys, next_position
         logits = np.concatenate(rows, axis=0) if all_logits else rows[-1][0]
         return logits.astype(np.float32, copy=False)
 
@@ -263,8 +280,10 @@ class OnnxEngine:
             raise PromptError("step() needs a prefill() first.")
         if self._past[0].shape[2] >= self.n_ctx:
             raise PromptError(f"The context of {self.n_ctx} tokens is full.")
-        logits = self._run(self._embed_ids([int(token_id)]))[-1].astype(np.float32, copy=False)
+        here = np.full((self.position_streams, 1), self._next_position, np.int64)   # all streams alike
+        logits = self._run(self._embed_ids([int(token_id)]), here)[-1].astype(np.float32, copy=False)
         self._cached_keys.append(int(token_id))
+        self._next_position += 1
         return logits
 
     def close(self) -> None:

@@ -23,10 +23,9 @@ import numpy as np
 from ..errors import ModelFormatError, PromptError
 from ..families import qwen25vl as fam
 from ..manifest import check_sizes, read_manifest
-from .base import ImageEmbeds, Segment, common_prefix, drop_positions, position_keys, segments_length
-from .onnx import DECODER_INPUTS, PREFILL_CHUNK, TOKENIZER_FILE, OnnxEngine, TokenizerFile
+from .base import Segment, mrope_positions
+from .onnx import DECODER_INPUTS, TOKENIZER_FILE, OnnxEngine, TokenizerFile
 from .qwen25vl_tables import mrope_cos_sin, vision_tables
-from .state import segment_boundary
 from .vision_onnx import make_session
 
 DECODER_NEEDS = (DECODER_INPUTS - {"position_ids"}) | {"rotary_cos", "rotary_sin"}
@@ -36,21 +35,6 @@ VISION_INPUTS = ("patches", "window_index", "rotary_cos", "rotary_sin", "full_ma
 
 def open_engine(model_dir, *, threads: int | None = None, providers=None, **ignored) -> "OnnxQwen25vlEngine":
     return OnnxQwen25vlEngine(model_dir, threads=threads, providers=providers)
-
-
-def image_spans(segments: Sequence[Segment]) -> list:
-    """Segments -> families.qwen25vl.Span runs; an image without its grid is one sentence."""
-    spans = []
-    for segment in segments:
-        if not isinstance(segment, ImageEmbeds):
-            spans.append(fam.Span(len(segment)))
-            continue
-        grid = getattr(segment, "grid", None)
-        if grid is None or int(grid[0]) * int(grid[1]) != len(segment.features):
-            raise PromptError(f"An image of {len(segment.features)} features has grid {grid}; Qwen2.5-VL's positions "
-                              "need each image's (rows, cols) grid with rows*cols features: encode it again.")
-        spans.append(fam.Span(len(segment.features), (int(grid[0]), int(grid[1]))))
-    return spans
 
 
 class OnnxQwen25vlEngine(OnnxEngine):
@@ -91,7 +75,6 @@ class OnnxQwen25vlEngine(OnnxEngine):
         self._past: list | None = None
         self._manifest, self._providers = manifest, list(providers or [])
         self._cached_keys: list = []
-        self._next_position = 0                              # where step() continues (all 3 streams)
         self.reused_positions = 0
 
     def _check_graphs(self, graphs: dict) -> None:
@@ -123,55 +106,16 @@ class OnnxQwen25vlEngine(OnnxEngine):
         return out
 
     # ------------------------------------------------------------- decode ----
-    def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Decoder over embeds [L, H] at 3-D positions [3, L] after the kept cache -> logits [L, V]."""
-        past_len, length = self._past[0].shape[2], embeds.shape[0]
-        cos, sin = mrope_cos_sin(positions, *self.rope)
-        feeds = {
-            "inputs_embeds": embeds[None].astype(np.float32, copy=False),
-            "attention_mask": np.ones((1, past_len + length), np.int64),
-            "rotary_cos": cos[None], "rotary_sin": sin[None],
-            **dict(zip(self._past_names, self._past)),
-        }
-        outputs = self.decoder.run(["logits", *self._present_names], feeds)
-        self._past = outputs[1:]
-        return outputs[0][0]
+    # OnnxEngine's prefill/step with this family's positions: 3-D (families.qwen25vl.positions),
+    # fed as the M-RoPE rotary table computed in numpy.
+    position_streams = 3
 
-    def prefill(self, segments: Sequence[Segment], all_logits: bool = False) -> np.ndarray:
-        past, held = self._past, self._cached_keys
-        self._past, self._cached_keys = None, []   # a failed prefill leaves no stale cache to step on
-        length = segments_length(segments)
-        if length == 0:
-            raise PromptError("The prompt is empty: give at least one token.")
-        if length > self.n_ctx:
-            raise PromptError(f"The prompt has {length} positions but the context holds {self.n_ctx}: shorten it.")
-        positions, next_position = fam.positions(image_spans(segments))        # [3, L], all of the prompt
-        keys = position_keys(segments)
-        keep = 0 if all_logits or past is None else segment_boundary(segments, common_prefix(held, keys))
-        self._past = [np.ascontiguousarray(a[:, :, :keep]) for a in past] if keep else self._empty_cache()
-        self.reused_positions = keep
-        rows, offset = [], keep
-        for segment in drop_positions(segments, keep):
-            embeds = self._embed_segments([segment])
-            for start in range(0, len(embeds), PREFILL_CHUNK):
-                chunk = embeds[start:start + PREFILL_CHUNK]
-                logits = self._run(chunk, positions[:, offset:offset + len(chunk)])
-                offset += len(chunk)
-                rows.append(logits if all_logits else logits[-1:])
-        self._cached_keys, self._next_position = keys, next_position
-        logits = np.concatenate(rows, axis=0) if all_logits else rows[-1][0]
-        return logits.astype(np.float32, copy=False)
+    def _prompt_positions(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
+        return mrope_positions(segments)                                       # [3, L], next position
 
-    def step(self, token_id: int) -> np.ndarray:
-        if self._past is None:
-            raise PromptError("step() needs a prefill() first.")
-        if self._past[0].shape[2] >= self.n_ctx:
-            raise PromptError(f"The context of {self.n_ctx} tokens is full.")
-        position = np.full((3, 1), self._next_position, np.int64)
-        logits = self._run(self._embed_ids([int(token_id)]), position)[-1].astype(np.float32, copy=False)
-        self._cached_keys.append(int(token_id))
-        self._next_position += 1
-        return logits
+    def _position_feeds(self, positions: np.ndarray) -> dict:
+        cos, sin = mrope_cos_sin(positions, *self.rope)                          # [L, hd] each
+        return {"rotary_cos": cos[None], "rotary_sin": sin[None]}
 
     def close(self) -> None:
         self._past = None

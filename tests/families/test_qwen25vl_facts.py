@@ -66,7 +66,7 @@ def test_positions_follow_get_rope_index_rule():
                             [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7],
                             [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7]]
     assert nxt == 8
-    with pytest.raises(ValueError, match="grid"):
+    with pytest.raises(PromptError, match="grid None"):
         mrope_positions([ImageEmbeds(np.zeros((6, 4), np.float32))])
 
 
