@@ -15,7 +15,13 @@ onnx_vision's torch graph (transformers' CLIPVisionModel truncated at
   features = Linear(GELU(Linear(x[:, 1:])))                  [N, T, H]
 
 int8 (`--vision-quant int8`) packs the same MatMul weights as onnxruntime's graph
-quantizer did (MatMulNBits, 8 bits); the Conv stays f32.
+quantizer did (MatMulNBits, 8 bits); the Conv stays f32. fp16 stores the same MatMul
+weights as float16 initializers, each read through a Cast to float32: half the bytes,
+the arithmetic still f32 (the Conv, norms, biases and embeddings stay f32: 5 MB of the
+CLIP-L tower's 1.2 GB). onnxruntime's defaults would turn every Cast(initializer)
+back into an fp32 copy at session start, so the converters record the graph as "fp16"
+in manifest.json and the runtime opens it with CAST_WEIGHTS_PLAN
+(huatuo_lite/backends/vision_onnx.py).
 """
 from __future__ import annotations
 
@@ -26,9 +32,30 @@ import numpy as np
 from huatuo_lite.errors import ModelFormatError
 
 from ..checkpoint.read import PROJECTOR_PREFIX, VISION_PREFIX
-from .builder import FLOAT, Graph, value_info
+from .builder import FLOAT, Graph, Slot, value_info
 from .stream import write_streamed
 from .vision import INPUT_NAME, OUTPUT_NAME, kept_layers
+
+
+# vision weights mode -> the compute mode of builder.Graph (fp16 keeps f32 arithmetic)
+COMPUTE_MODE = {"fp32": "fp32", "fp16": "fp32", "int8": "int8"}
+
+
+class WeightGraph(Graph):
+    """builder.Graph whose fp16 mode stores only the MatMul weights in float16 and casts
+    them to float32 in the graph (builder's own fp16 mode computes in float16)."""
+
+    def __init__(self, weights: str, block_size: int):
+        super().__init__(COMPUTE_MODE[weights], block_size)
+        self.weights = weights
+
+    def linear(self, x: str, source: str, shape: tuple, bias: str | None = None) -> str:
+        if self.weights != "fp16":
+            return super().linear(x, source, shape, bias)
+        n, k = shape                             # torch W [N, K] -> B [K, N] float16 -> Cast f32
+        self.slots.append(Slot(source, "linear", "fp16", source, (n, k)))
+        y = self.op("MatMul", x, self.op("Cast", source, to=FLOAT))
+        return self.op("Add", y, self.vector(bias, (n,))) if bias else y
 
 
 def _quick_gelu(g: Graph, x: str) -> str:          # x * sigmoid(1.702 x), CLIP's activation
@@ -87,14 +114,15 @@ def _embeddings(g: Graph, vc) -> str:
 
 
 def build_vision(vc, pc, mode: str = "fp32", block_size: int = 32) -> Graph:
-    """The vision graph for VisionConfig `vc` and ProjectorConfig `pc`."""
+    """The vision graph for VisionConfig `vc` and ProjectorConfig `pc`; `mode`: how the
+    MatMul weights are stored (COMPUTE_MODE: fp32, fp16, int8)."""
     if vc.hidden_act not in ACTIVATIONS:
         raise ModelFormatError(f"The vision tower's activation {vc.hidden_act!r} is not supported "
                                f"(only {', '.join(ACTIVATIONS)}); this is not a CLIP tower.")
     if pc.kind != "mlp2x_gelu":
         raise ModelFormatError(f"The projector type {pc.kind!r} is not supported (only mlp2x_gelu); "
                                "this is not a HuatuoGPT-Vision checkpoint.")
-    g = Graph(mode, block_size)
+    g = WeightGraph(mode, block_size)
     size, tokens = vc.image_size, (vc.image_size // vc.patch_size) ** 2
     g.inputs = [value_info(INPUT_NAME, FLOAT, ["images", 3, size, size])]
     g.outputs = [value_info(OUTPUT_NAME, FLOAT, ["images", tokens, pc.out_features])]
@@ -109,10 +137,10 @@ def build_vision(vc, pc, mode: str = "fp32", block_size: int = 32) -> Graph:
 
 def export_vision_streamed(ckpt, path: Path, quant: str = "fp32", block_size: int = 32,
                            force_external_data: bool = False) -> list[Path]:
-    """vision.onnx (+ .data) in fp32 or int8 straight from the checkpoint."""
+    """vision.onnx (+ .data) in fp32, fp16 or int8 weights straight from the checkpoint."""
     graph = build_vision(ckpt.vision, ckpt.projector, quant, block_size)
     return write_streamed(ckpt, graph, Path(path), "vision", (VISION_PREFIX, PROJECTOR_PREFIX),
                           force_external_data)
 
 
-__all__ = ["build_vision", "export_vision_streamed"]
+__all__ = ["build_vision", "export_vision_streamed", "COMPUTE_MODE"]

@@ -4,14 +4,23 @@
 image features [N, 576, H] float32 (CLIP layer -2 without CLS, then the
 projector). Sessions run on CPU unless another execution provider is asked for
 and installed.
+
+A graph whose weights are stored float16 and cast to float32 in the graph
+(manifest entry role "vision", "quant": "fp16") is opened with CAST_WEIGHTS_PLAN:
+with onnxruntime's defaults its ConstantFolding turns every Cast(initializer) into
+a new fp32 initializer at session start, which gives back the fp32 graph's
+memory (CLIP-L: bench/README.md, "Vision graph dtype").
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import HuatuoError, ModelFormatError
+from ..manifest import MANIFEST_NAME, manifest_problem
 
 # short names accepted from the CLI/API -> onnxruntime execution providers
 PROVIDER_NAMES = {
@@ -37,22 +46,63 @@ def resolve_providers(providers=None) -> list[str]:
     return [p for p in wanted if p != PROVIDER_NAMES["cpu"]] + [PROVIDER_NAMES["cpu"]]
 
 
-def make_session(path, threads: int | None = None, providers=None):
+@dataclass(frozen=True)
+class SessionPlan:
+    """How onnxruntime opens one kind of graph: optimization level (a GraphOptimizationLevel
+    name), optimizers left off, execution order (an ExecutionOrder name)."""
+
+    level: str = "ORT_ENABLE_ALL"
+    disabled: tuple = ()
+    order: str = "DEFAULT"
+
+
+DEFAULT_PLAN = SessionPlan()
+# Weights stored fp16 and cast in the graph (CLIP-L, 2 threads, RssAnon after one encode,
+# bench/vision_dtype.py): default plan 1343 MB (ConstantFolding makes fp32 copies); without
+# ConstantFolding 1829 (an extended-level pass still materialises them); basic level without
+# it 2094 (the default order runs every weight Cast first, all 1.1 GB alive at once);
+# basic + priority order 277 (each Cast just before its MatMul; the fp16 bytes stay mapped).
+CAST_WEIGHTS_PLAN = SessionPlan("ORT_ENABLE_BASIC", ("ConstantFolding",), "PRIORITY_BASED")
+# a graph file's manifest (role, quant) -> its plan (an fp16 decoder.onnx computes in float16:
+# its casts are of activations, the default plan is right for it)
+SESSION_PLANS = {("vision", "fp16"): CAST_WEIGHTS_PLAN}
+
+
+def session_plan(path) -> SessionPlan:
+    """The plan `path`'s manifest entry calls for (SESSION_PLANS); the default for a graph
+    outside a converted folder or one the manifest does not list (a bad manifest is the
+    backend's to refuse, with its own sentence)."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path.parent / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return DEFAULT_PLAN
+    if manifest_problem(manifest):
+        return DEFAULT_PLAN
+    entry = manifest["files"].get(path.name, {})
+    return SESSION_PLANS.get((entry.get("role"), entry.get("quant")), DEFAULT_PLAN)
+
+
+def make_session(path, threads: int | None = None, providers=None, plan: SessionPlan | None = None):
     """An InferenceSession for one graph file; a missing, truncated or corrupt
-    file is one ModelFormatError sentence naming it."""
+    file is one ModelFormatError sentence naming it. `plan`: how to open it (None:
+    what the folder's manifest calls for, session_plan)."""
     import onnxruntime as ort
 
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path} is missing; convert the model again or copy the whole model folder.")
+    plan = session_plan(path) if plan is None else plan
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, plan.level)
+    options.execution_order = getattr(ort.ExecutionOrder, plan.order)
     options.log_severity_level = 4   # load errors become our one sentence, not a red log line
     try:
-        return ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+        return ort.InferenceSession(str(path), options, providers=resolve_providers(providers),
+                                    disabled_optimizers=list(plan.disabled) or None)
     except HuatuoError:
         raise
     except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -65,9 +115,9 @@ def make_session(path, threads: int | None = None, providers=None):
 class OnnxVisionEncoder:
     """vision.onnx behind one call: encode(pixels [N,3,S,S]) -> features [N,T,H]."""
 
-    def __init__(self, path, threads: int | None = None, providers=None):
+    def __init__(self, path, threads: int | None = None, providers=None, plan: SessionPlan | None = None):
         self.path = Path(path)
-        self.session = make_session(self.path, threads, providers)
+        self.session = make_session(self.path, threads, providers, plan)
         inp = self.session.get_inputs()[0]
         out = self.session.get_outputs()[0]
         self.input_name, self.output_name = inp.name, out.name
