@@ -25,6 +25,7 @@ from huatuo_lite.manifest import MANIFEST_NAME, file_entry, read_manifest, write
 from ..provenance import config_hash, source_entry, version
 from ..checkpoint.family import folder_family
 from ..checkpoint.read import open_checkpoint
+from ..onnx.vision_dtype import check_dtype
 from .mmproj import PROJECTOR_TYPES, write_mmproj
 from .text import write_text_gguf
 from ..model_meta import DEFAULT, model_meta
@@ -47,6 +48,9 @@ MMPROJ_TYPES = {k: DIRECT_TYPES[k] for k in ("F16", "Q8_0")}
 # the intermediate for llama.cpp's quantizer: lossless for the stored dtype
 INTERMEDIATE = {"bfloat16": "BF16"}
 VISION_ONNX = "vision.onnx"
+# text quants that are exact: their --vision-dtype auto means fp32 (an F32 folder is the
+# reference conversion; a lossy vision graph beside it would make it inexact)
+EXACT_QUANTS = ("F32",)
 # families with their own exporter: family name (checkpoint.family.folder_family) ->
 # (module relative to this package, function)
 FAMILY_EXPORTERS = {qwen25vl.NAME: ("..qwen25vl.gguf", "export_qwen25vl_gguf")}
@@ -54,15 +58,21 @@ FAMILY_EXPORTERS = {qwen25vl.NAME: ("..qwen25vl.gguf", "export_qwen25vl_gguf")}
 
 def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
                 vision_onnx: bool = True, allow_pickle: bool = False, threads: int | None = None,
-                imatrix=None, name: str | None = None, base_repo=DEFAULT, license=DEFAULT) -> Path:  # noqa: A002
+                imatrix=None, name: str | None = None, base_repo=DEFAULT, license=DEFAULT,  # noqa: A002
+                vision_dtype: str = "auto", vision_gate: float | None = None) -> Path:
     """Convert `src` into `out_dir`; returns the path of the text GGUF. `threads`: for
-    llama.cpp's quantizer and the libmtmd self-test (default: all cores / 1). `imatrix`: a
+    llama.cpp's quantizer and the libmtmd self-test (default: all cores / 1). `vision_dtype`:
+    vision.onnx's weights (convert/onnx/vision_dtype.py: auto keeps its smaller graph only
+    when it passes the fidelity gate, per-token cosine >= `vision_gate`). `imatrix`: a
     calibration JSON; the quant then uses an importance matrix (convert/gguf/imatrix.py, needs
     the native tools). `name`, `base_repo`, `license`: the model's identity (model_meta;
     default: the folder's name, the variant's upstream repository and its license).
     Beside the files: manifest.json, an Ollama Modelfile and a README.md model card.
     A checkpoint of another family goes to that family's exporter (FAMILY_EXPORTERS)."""
     family = folder_family(src)
+    if family in FAMILY_EXPORTERS and vision_dtype != "auto":
+        raise HuatuoError(f"--vision-dtype applies to LLaVA folders only ({src} is {family}, whose images go "
+                          "through its mmproj); drop the option.")
     if family in FAMILY_EXPORTERS:
         module, function = FAMILY_EXPORTERS[family]
         return getattr(importlib.import_module(module, __package__), function)(
@@ -72,6 +82,7 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
         raise HuatuoError(f"Unknown quant {quant!r}: choose one of {', '.join([*DIRECT_TYPES, *LLAMA_QUANTS])}.")
     if mmproj_type not in MMPROJ_TYPES:
         raise HuatuoError(f"Unknown mmproj type {mmproj_type!r}: choose one of {', '.join(MMPROJ_TYPES)}.")
+    check_dtype(vision_dtype)
     if imatrix is not None and quant not in LLAMA_QUANTS:
         raise HuatuoError("An importance matrix only helps llama.cpp's quants: "
                           f"use --imatrix with {', '.join(LLAMA_QUANTS)}.")
@@ -83,14 +94,20 @@ def export_gguf(src, out_dir, quant: str = "Q4_K_M", mmproj_type: str = "F16",
     with staging_dir(out_dir) as stage:
         imatrix_record = _write_text(ckpt, stage, text_file, quant, meta, threads or 0, imatrix)
         write_mmproj(ckpt, stage / mmproj_file, *MMPROJ_TYPES[mmproj_type], meta)
-        vision_files = _write_vision(ckpt, stage) if vision_onnx else []
+        vision_files, vision_record = (_write_vision(ckpt, stage, vision_dtype, quant, threads or 1, vision_gate)
+                                       if vision_onnx else ([], None))
         if vision_onnx:
             self_test = _self_test(stage / text_file, stage / mmproj_file, stage / VISION_ONNX, threads or 1)
         extra = {"imatrix": imatrix_record} if imatrix_record else {}
         files.update({text_file: file_entry(stage / text_file, "text", quant=quant, **extra),
                       mmproj_file: file_entry(stage / mmproj_file, "mmproj", quant=mmproj_type)})
-        files.update({p.name: file_entry(p, "vision" if p.name == VISION_ONNX else "data") for p in vision_files})
+        if vision_onnx:        # an earlier conversion's vision entries (maybe another dtype) are replaced
+            files = {n: e for n, e in files.items() if not n.startswith(VISION_ONNX)}
+        files.update({p.name: file_entry(p, "vision" if p.name == VISION_ONNX else "data",
+                                         quant=vision_record["dtype"]) for p in vision_files})
         manifest = _manifest(ckpt, name, files, self_test)
+        if vision_record is not None:
+            manifest["vision_onnx"] = vision_record
         write_manifest(stage, manifest)
         _write_docs(stage, Path(out_dir), meta, manifest, text_file, mmproj_file)
     return Path(out_dir) / text_file
@@ -192,12 +209,18 @@ def _size_progress(path: Path, desc: str, every_s: float = 0.5):
         bar.close()
 
 
-def _write_vision(ckpt, stage: Path) -> list[Path]:
+def _write_vision(ckpt, stage: Path, dtype: str, quant: str, threads: int,
+                  gate: float | None) -> tuple[list[Path], dict]:
     """vision.onnx streamed from the checkpoint a tensor at a time (through torch.onnx
-    the CLIP-L export alone peaked at 5.2 GB, the conversion's largest phase)."""
-    from ..onnx.vision_stream import export_vision_streamed
+    the CLIP-L export alone peaked at 5.2 GB, the conversion's largest phase), in `dtype`
+    (auto: gated; fp32 beside an EXACT_QUANTS text); returns its files and the manifest's
+    "vision_onnx" record."""
+    from ..onnx.vision_dtype import GATE_COSINE, write_vision
 
-    return [Path(p) for p in export_vision_streamed(ckpt, stage / VISION_ONNX)]
+    exact = dtype == "auto" and quant in EXACT_QUANTS
+    files, record = write_vision(ckpt, stage, VISION_ONNX, "fp32" if exact else dtype, threads,
+                                 GATE_COSINE if gate is None else gate)
+    return files, {**record, "requested": dtype, **({"reason": f"exact text quant {quant}"} if exact else {})}
 
 
 def _self_test(text: Path, mmproj: Path, vision: Path, threads: int) -> dict:

@@ -17,6 +17,7 @@ nothing half-written in the output.
 """
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
 import tempfile
@@ -31,7 +32,8 @@ from .vision_stream import COMPUTE_MODE, export_vision_streamed
 VISION_DTYPES = ("auto", *COMPUTE_MODE)      # auto, fp32, fp16, int8
 AUTO_CANDIDATE = "int8"
 GATE_COSINE = 0.999
-EXAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "models" / "examples" / "chest_xray.png"
+# models/ installs as huatuo_lite.models (pyproject package-data), in a checkout too
+EXAMPLE_IMAGE = Path(importlib.import_module("huatuo_lite.models").__path__[0]) / "examples" / "chest_xray.png"
 PROBES = ("gradient", "noise", EXAMPLE_IMAGE.name)
 
 

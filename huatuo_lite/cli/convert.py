@@ -16,6 +16,9 @@ from ..manifest import read_manifest
 from ..llama_tools import self_test_verdict
 from ..interrupt import reporting
 
+# vision.onnx weight storage for `convert gguf` (convert/onnx/vision_dtype.py VISION_DTYPES; spelled
+# here so that --help does not import the converters)
+VISION_DTYPES = ("auto", "fp32", "fp16", "int8")
 CONVERT_EXTRA_HINT = "install the conversion tools with `pip install 'huatuo-lite[convert]'` (torch first, see README)"
 
 
@@ -60,7 +63,10 @@ def convert_tiny(out_dir, variant, seed):
               "records (PubMedVision or eval format); needs the native tools (CMakeLists.txt).")
 @click.option("--name", default=None, help="The model's name for the file names and metadata "
               "(NAME-QUANT.gguf, mmproj-NAME-F16.gguf; default: the source folder's name).")
-def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, name):
+@click.option("--vision-dtype", type=click.Choice(VISION_DTYPES), default="auto", show_default=True,
+              help="LLaVA: vision.onnx's weights. auto keeps int8 only if its image features match fp32's "
+              "(per-token cosine >= 0.999 on probe images), else fp32; recorded in manifest.json.")
+def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, name, vision_dtype):
     """Convert an upstream folder to a GGUF text model + mmproj (+ vision.onnx).
 
     \b
@@ -70,7 +76,8 @@ def convert_gguf(src, out_dir, quant, mmproj_type, allow_pickle, calibration, na
     """
     with reporting(out_dir, "manifest.json"):
         out = convert_module("gguf.export").export_gguf(src, out_dir, quant=quant, mmproj_type=mmproj_type,
-                                                         allow_pickle=allow_pickle, imatrix=calibration, name=name)
+                                                         allow_pickle=allow_pickle, imatrix=calibration, name=name,
+                                                         vision_dtype=vision_dtype)
     click.echo(self_test_verdict(read_manifest(out_dir).get("mtmd_self_test")), err=True)
     click.echo(str(out))
 
