@@ -34,6 +34,21 @@ def rss_anon_mb(key: str = "RssAnon:") -> float:
     return float("nan")
 
 
+# the fp16 graph under other session plans than the runtime's (LEVEL:disabled,...:ORDER)
+FP16_VARIANTS = ("ORT_ENABLE_ALL:ConstantFolding:DEFAULT", "ORT_DISABLE_ALL::DEFAULT",
+                 "ORT_ENABLE_BASIC:ConstantFolding:DEFAULT", "ORT_ENABLE_EXTENDED:ConstantFolding:PRIORITY_BASED")
+
+
+def _plan(name: str):
+    """A plan of vision_onnx by name, or LEVEL:disabled,...:ORDER."""
+    from huatuo_lite.backends import vision_onnx
+
+    if ":" not in name:
+        return getattr(vision_onnx, name)
+    level, disabled, order = name.split(":")
+    return vision_onnx.SessionPlan(level, tuple(d for d in disabled.split(",") if d), order)
+
+
 def child(graph: str, threads: int, plan: str, out: str) -> None:
     from huatuo_lite.backends import vision_onnx
     from huatuo_lite.image.load import preprocess
@@ -41,7 +56,7 @@ def child(graph: str, threads: int, plan: str, out: str) -> None:
     pixels = preprocess([ROOT / "models" / "examples" / "chest_xray.png"])     # [1, 3, 336, 336]
     before = rss_anon_mb()
     start = time.perf_counter()
-    session = vision_onnx.make_session(graph, threads, plan=getattr(vision_onnx, plan))
+    session = vision_onnx.make_session(graph, threads, plan=_plan(plan))
     load_s = time.perf_counter() - start
     after_session = rss_anon_mb()
     name = session.get_inputs()[0].name
@@ -67,11 +82,23 @@ def export(ckpt_dir: Path, out: Path, dtype: str) -> Path:
     return path
 
 
+def _row(graphs: dict, work: Path, dtype: str, plan: str, threads: int) -> None:
+    out = work / f"features-{dtype}-{plan.replace(':', '_').replace(',', '+')}.npy"
+    line = subprocess.run([sys.executable, __file__, "--child", str(graphs[dtype]), str(threads), plan, str(out)],
+                          capture_output=True, text=True, check=True).stdout
+    m = json.loads(line.strip().splitlines()[-1])
+    print(f"  {dtype} {plan} t={threads}: anon {m['before']:.0f} -> {m['session']:.0f} "
+          f"-> {m['encoded']:.0f} MB (VmRSS {m['rss']:.0f}), load {m['load_s']:.2f} s, encode "
+          f"{m['encode_s'][0]:.2f}/{m['encode_s'][1]:.2f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile-dir", type=Path, default=Path.home() / ".cache/huatuo-lite-bench/small")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--fp16-variants", action="store_true",
+                        help="also run the fp16 graph once per FP16_VARIANTS plan (why CAST_WEIGHTS_PLAN)")
     args = parser.parse_args()
     work = args.profile_dir / "vision-dtype"
     graphs = {"fp32": args.profile_dir / "gguf-Q4_K_M" / "vision.onnx",
@@ -83,18 +110,17 @@ def main() -> None:
         print("round", r + 1, subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
         for threads in args.threads:
             for dtype, plan in (rows if r % 2 == 0 else rows[::-1]):
-                out = work / f"features-{dtype}-{plan}.npy"
-                line = subprocess.run([sys.executable, __file__, "--child", str(graphs[dtype]), str(threads),
-                                       plan, str(out)], capture_output=True, text=True, check=True).stdout
-                m = json.loads(line.strip().splitlines()[-1])
-                print(f"  {dtype} {plan} t={threads}: anon {m['before']:.0f} -> {m['session']:.0f} "
-                      f"-> {m['encoded']:.0f} MB (VmRSS {m['rss']:.0f}), load {m['load_s']:.2f} s, encode "
-                      f"{m['encode_s'][0]:.2f}/{m['encode_s'][1]:.2f} s", flush=True)
-    from convert.onnx.vision_dtype import token_agreement
+                _row(graphs, work, dtype, plan, threads)
+    if args.fp16_variants:
+        for plan in FP16_VARIANTS:
+            _row(graphs, work, "fp16", plan, max(args.threads))
+    from convert.onnx.vision_dtype import gate, token_agreement
 
     ref = np.load(work / "features-fp32-DEFAULT_PLAN.npy")
     for name in ("fp16-CAST_WEIGHTS_PLAN", "fp16-DEFAULT_PLAN", "int8-DEFAULT_PLAN"):
-        print(name, token_agreement(ref, np.load(work / f"features-{name}.npy")))
+        print(name, "chest X-ray:", token_agreement(ref, np.load(work / f"features-{name}.npy")))
+    for dtype in ("fp16", "int8"):       # the conversion's gate: all three probe images
+        print(dtype, "gate:", gate(graphs["fp32"], graphs[dtype], dtype, 336, threads=max(args.threads)))
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

@@ -57,11 +57,12 @@ class SessionPlan:
 
 
 DEFAULT_PLAN = SessionPlan()
-# Weights stored fp16 and cast in the graph (CLIP-L, 2 threads, RssAnon after one encode,
-# bench/vision_dtype.py): default plan 1343 MB (ConstantFolding makes fp32 copies); without
-# ConstantFolding 1829 (an extended-level pass still materialises them); basic level without
-# it 2094 (the default order runs every weight Cast first, all 1.1 GB alive at once);
-# basic + priority order 277 (each Cast just before its MatMul; the fp16 bytes stay mapped).
+# Weights stored fp16 and cast in the graph (CLIP-L, RssAnon after one encode, bench/vision_dtype.py
+# --fp16-variants): default plan 1266-1355 MB (ConstantFolding makes fp32 copies: fp32's 1253);
+# all levels without ConstantFolding 1824 (a later pass still materialises them); none or basic
+# level 2096 (the default order runs every weight Cast first, 1.1 GB alive at once); extended
+# with priority order 2462; basic + priority order 279 (each Cast just before its MatMul, the
+# fp16 bytes mapped from the file: VmRSS 880 against fp32's 1297).
 CAST_WEIGHTS_PLAN = SessionPlan("ORT_ENABLE_BASIC", ("ConstantFolding",), "PRIORITY_BASED")
 # a graph file's manifest (role, quant) -> its plan (an fp16 decoder.onnx computes in float16:
 # its casts are of activations, the default plan is right for it)
