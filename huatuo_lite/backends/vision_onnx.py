@@ -59,7 +59,7 @@ class SessionPlan:
 DEFAULT_PLAN = SessionPlan()
 # Weights stored fp16 and cast in the graph (CLIP-L, RssAnon after one encode, bench/vision_dtype.py
 # --fp16-variants): default plan 1266-1355 MB (ConstantFolding makes fp32 copies: fp32's 1253);
-# all levels without ConstantFolding 1824 (a later pass still materialises them); none or basic
+# the default level without ConstantFolding 1824 (a later pass still materialises them); none or basic
 # level 2096 (the default order runs every weight Cast first, 1.1 GB alive at once); extended
 # with priority order 2462; basic + priority order 279 (each Cast just before its MatMul, the
 # fp16 bytes mapped from the file: VmRSS 880 against fp32's 1297).
