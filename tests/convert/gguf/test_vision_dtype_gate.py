@@ -160,3 +160,24 @@ def test_cli_choices_are_the_converters():
     from huatuo_lite.convert.onnx import vision_dtype
 
     assert VISION_DTYPES == vision_dtype.VISION_DTYPES
+
+
+def test_an_interrupt_during_the_gate_leaves_the_folder_as_it_was(folders, tiny_7b, tmp_path, monkeypatch):
+    """Ctrl-C while auto compares the graphs: the earlier conversion's files are untouched and no
+    staging or scratch folder is left (the candidate lives inside the staging folder)."""
+    import shutil
+
+    from huatuo_lite.convert.gguf.export import export_gguf
+    from huatuo_lite.convert.onnx import vision_dtype
+
+    out = tmp_path / "folder"
+    shutil.copytree(folders["fp32"], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vision_dtype, "gate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(tiny_7b, out, quant="Q8_0", threads=1, vision_dtype="auto")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
