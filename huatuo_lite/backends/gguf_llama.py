@@ -71,31 +71,49 @@ def load_model(path: Path, gpu_layers: int = 0, vocab_only: bool = False):
     return model
 
 
-# madvise(2) advice: drop this range's pages from the process (file-backed, read-only: the
-# page cache keeps them; a later read faults them back in, a minor fault)
-MADV_DONTNEED = 4
-DROP_EVERY = 0.05   # of the bytes loaded: bounds the file pages resident between two drops
+# madvise(2) advice. DONTNEED: drop this range's pages from the process (file-backed, read-only:
+# the page cache keeps them; a later read faults them back in, a minor fault). HUGEPAGE: back
+# this range with 2 MiB pages as it is first written (THP "madvise" mode, the common default).
+MADV_DONTNEED, MADV_HUGEPAGE = 4, 14
+DROP_EVERY = 0.05        # of the bytes loaded: bounds the file pages resident between two drops
+HUGE_MIN_BYTES = 32 << 20
+# "1": huge pages under the repacked weights. Off by default: on the 7B Q4_K_M they gave decode
+# 1.05x stock (6.53 vs 6.24 tok/s; ours on 4 KiB pages 6.21) but cost ~3 s more load (the kernel
+# compacts memory to find 2 MiB pages: 10.2-11.5 s against 6.8-10.2), which a one-shot `ask`
+# of a few dozen tokens never wins back; a long-lived server or chat does (bench/decode_pages.py).
+HUGEPAGES_ENV = "HUATUO_LITE_HUGEPAGES"
 
 
 class MappedPageDropper:
-    """A llama.cpp load-progress callback that drops the GGUF's mapped pages from this process.
+    """A llama.cpp load-progress callback that (1) drops the GGUF's mapped pages from this
+    process and (2) with HUATUO_LITE_HUGEPAGES=1, asks for huge pages under the weight buffers
+    llama.cpp has just allocated.
 
-    llama.cpp maps the whole text GGUF with MAP_POPULATE (every page resident at once), then
+    (1) llama.cpp maps the whole text GGUF with MAP_POPULATE (every page resident at once), then
     copies each tensor it can repack (Q4_K, Q4_0, IQ4_NL on AVX2/NEON) into an anonymous
     CPU_REPACK buffer and never reads those bytes of the file again. Kept mapped, they stay in
     this process's RSS: on the 7B Q4_K_M, ~3 GB of the 4.4 GB file (ask peaked at 9.2 GB
     against stock's 8.5). Dropped every few percent of the load, only what is still read
     (the tensors left in the mapping: Q6_K, norms, the embedding rows asked for) faults back
-    in as the model runs, from the page cache, which still holds the file for other
-    processes. Linux only (/proc/self/maps); elsewhere a no-op."""
+    in as the model runs, from the page cache, which still holds the file for other processes.
+    (2) The first call comes after llama.cpp allocated its buffers and before it writes them:
+    the new anonymous mappings of at least HUGE_MIN_BYTES (the repacked weights: [rows, cols]
+    interleaved 8x8 blocks, 3 GB on the 7B) get MADV_HUGEPAGE, so every decode step reads them
+    through 2 MiB TLB entries instead of 4 KiB ones (under a VM's nested paging a read of
+    4 KiB pages ran at ~4 GB/s against ~10 with huge pages, bench/roofline.py).
+    Linux only (/proc/self/maps); elsewhere a no-op."""
 
     def __init__(self, path: Path):
         self.path = os.path.realpath(path)
         self._last = -1.0
-        self.dropped_bytes = 0
+        self._before = _anonymous_ranges() if os.environ.get(HUGEPAGES_ENV, "0") == "1" else None
+        self.dropped_bytes = self.huge_bytes = 0
 
     def __call__(self, progress: float, user_data) -> bool:
-        try:   # an exception cannot cross into llama.cpp: a failed drop only costs memory
+        try:   # an exception cannot cross into llama.cpp: a failed advice only costs memory or speed
+            if self._before is not None:
+                self.huge_bytes = _advise_new(self._before, MADV_HUGEPAGE)
+                self._before = None
             if progress >= 1.0 or progress - self._last >= DROP_EVERY:
                 self._last = progress
                 self.dropped_bytes = drop_mapped_pages(self.path)
@@ -104,21 +122,42 @@ class MappedPageDropper:
         return True   # False would cancel the load
 
 
-def drop_mapped_pages(path: str) -> int:
-    """madvise(MADV_DONTNEED) every mapping of `path` in this process; the bytes covered."""
+def _maps() -> list[tuple[int, int, str, str]]:
+    """(start, end, permissions, path or '') of this process's mappings; [] without /proc."""
     maps = Path("/proc/self/maps")
     if not maps.exists():
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    covered = 0
+        return []
+    rows = []
     for line in maps.read_text().splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5] == path:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if libc.madvise(start, end - start, MADV_DONTNEED) == 0:
-                covered += end - start
-    return covered
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        rows.append((start, end, fields[1], fields[5].strip() if len(fields) == 6 else ""))
+    return rows
+
+
+def _madvise(start: int, length: int, advice: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(start, length, advice) == 0
+
+
+def _anonymous_ranges() -> set:
+    return {(a, b) for a, b, perms, name in _maps() if not name and perms.startswith("rw")}
+
+
+def _advise_new(before: set, advice: int) -> int:
+    """Advise the anonymous read-write mappings of >= HUGE_MIN_BYTES not in `before`; bytes advised."""
+    done = 0
+    for start, end in _anonymous_ranges() - before:
+        if end - start >= HUGE_MIN_BYTES and _madvise(start, end - start, advice):
+            done += end - start
+    return done
+
+
+def drop_mapped_pages(path: str) -> int:
+    """madvise(MADV_DONTNEED) every mapping of `path` in this process; the bytes covered."""
+    return sum(end - start for start, end, _, name in _maps()
+               if name == path and _madvise(start, end - start, MADV_DONTNEED))
 
 
 def new_context(model, n_ctx: int, threads: int, n_batch: int, exact: bool = False):

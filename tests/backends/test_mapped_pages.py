@@ -68,3 +68,55 @@ def test_drop_is_a_no_op_for_a_file_not_mapped(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"GGUF")
     assert gguf_llama.drop_mapped_pages(str(path)) == 0
+
+
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping holding `address`."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[0] == "AnonHugePages:":
+            return int(fields[1])
+    return 0
+
+
+@pytest.mark.skipif(not THP_MODE.exists() or "[madvise]" not in THP_MODE.read_text(),
+                    reason="the kernel's THP mode is not 'madvise' (with 'always' every mapping gets them)")
+def test_new_weight_sized_buffers_get_huge_pages_and_others_do_not():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    size, PROT_RW, PRIVATE_ANONYMOUS = 64 << 20, 3, 0x22   # what malloc does for a large block
+
+    before = gguf_llama._anonymous_ranges()
+    advised_buf = libc.mmap(None, size, PROT_RW, PRIVATE_ANONYMOUS, -1, 0)   # stands for CPU_REPACK, unwritten
+    advised = gguf_llama._advise_new(before, gguf_llama.MADV_HUGEPAGE)
+    plain_buf = libc.mmap(None, size, PROT_RW, PRIVATE_ANONYMOUS, -1, 0)     # allocated after: the control
+    for buf in (advised_buf, plain_buf):
+        ctypes.memset(buf, 1, size)
+    address = lambda buf: buf
+    try:
+        assert advised >= size
+        assert huge_kb(address(advised_buf)) >= 32 << 10
+        assert huge_kb(address(plain_buf)) == 0
+    finally:
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.munmap(advised_buf, size)
+        libc.munmap(plain_buf, size)
+
+
+def test_huge_page_advice_is_opt_in(monkeypatch, tmp_path):
+    monkeypatch.delenv(gguf_llama.HUGEPAGES_ENV, raising=False)
+    assert gguf_llama.MappedPageDropper(tmp_path / "x.gguf")._before is None
+    monkeypatch.setenv(gguf_llama.HUGEPAGES_ENV, "0")
+    assert gguf_llama.MappedPageDropper(tmp_path / "x.gguf")._before is None
+    monkeypatch.setenv(gguf_llama.HUGEPAGES_ENV, "1")
+    assert gguf_llama.MappedPageDropper(tmp_path / "x.gguf")._before is not None
