@@ -47,7 +47,7 @@ def child(folder: str, threads: int, prompt: int, new_tokens: int) -> dict:
     start = time.perf_counter()
     engine = GgufEngine(Path(folder), threads=threads)
     load_s = time.perf_counter() - start
-    ids = [int(i) for i in np.random.default_rng(0).integers(1000, 20000, prompt)]
+    ids = [int(i) for i in np.random.default_rng(0).integers(10, min(20000, engine.n_vocab), prompt)]
     logits = engine.prefill([ids])
     token, steps = int(np.argmax(logits)), []
     for _ in range(new_tokens):
@@ -63,7 +63,9 @@ def ours(folder: Path, threads: int, prompt: int, new_tokens: int, huge: bool) -
     env = {**os.environ, "HUATUO_LITE_HUGEPAGES": "1" if huge else "0"}
     out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--threads", str(threads),
                           "--prompt", str(prompt), "--new-tokens", str(new_tokens)],
-                         env=env, capture_output=True, text=True, check=True)
+                         env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"the measuring child failed: {out.stderr.strip()[-800:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
