@@ -1,4 +1,4 @@
-"""bench/decode_pages.py on the shipped demo GGUF: the rotating order of its peers, one child
+"""bench/decode_pages.py and bench/prefill_split.py on the shipped demo GGUF: rotating order, one child
 per peer and round, and figures that come from the run (the benchmark itself: bench/README.md)."""
 from __future__ import annotations
 
@@ -26,3 +26,15 @@ def test_two_rounds_without_stock_rotate_the_order_and_measure_each_child(capsys
         assert len(runs) == 2 and all(r["decode_tokens_per_s"] > 0 and r["load_s"] > 0 for r in runs)
         assert result["median_decode_tokens_per_s"][peer] > 0
     assert "load average at start" in out and "stock" not in result["runs"]
+
+
+def test_prefill_split_times_three_plans_of_the_same_positions(capsys):
+    import prefill_split
+
+    result = prefill_split.main([str(DEMO), "--rounds", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    lengths = {name: sum(len(values) for _, values in plan)
+               for name, plan in prefill_split.plans(8, __import__("numpy").random.default_rng(0)).items()}
+    assert set(lengths.values()) == {prefill_split.BEFORE + prefill_split.IMAGE + prefill_split.AFTER}
+    assert all(len(result["seconds"][name]) == 2 and min(result["seconds"][name]) > 0 for name in lengths)
+    assert out.count("round ") == 2 and "x split3" in out
