@@ -108,7 +108,8 @@ def mtmd_first_answer(text_gguf: Path, mmproj: Path, image: Path, question: str,
     prompt = IMAGE_LINE.replace(IMAGE_PLACEHOLDER, MTMD_MARKER) + question
     args = ["-m", text_gguf, "--mmproj", mmproj, "--image", image, "-p", prompt, "--temp", "0",
             "-n", new_tokens, "-t", threads, "--jinja", "--no-warmup", "-c", 4096, "--seed", 0,
-            "--ignore-eos", *attention_args(quant, "llama-mtmd-cli")]
+            "--ignore-eos", "-v", *attention_args(quant, "llama-mtmd-cli")]   # -v: without it this build's
+    # logger dropped the llama_perf lines in most runs (stock's TTFT was then estimated, not measured)
     for _ in range(MTMD_TRIES):     # its async logger can drop the last lines (the timings) at exit
         done = native.run_tool("llama-mtmd-cli", args, timeout=3600)
         log = _text(done.stderr) + "\n" + _text(done.stdout)
