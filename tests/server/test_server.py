@@ -226,3 +226,29 @@ def test_serve_command_refuses_a_missing_allow_dir_before_loading(tmp_path):
     result = CliRunner().invoke(cli, ["serve", "-m", str(tmp_path / "no-model"), "--allow-dir",
                                       str(tmp_path / "nowhere")])
     assert result.exit_code == 1 and "--allow-dir" in result.output and "is not a folder" in result.output
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_serve_loads_with_huge_pages_unless_the_environment_says_no(tmp_path, monkeypatch, preset, expected):
+    """serve lives long enough to win back huge pages' slower load (bench/decode_pages.py)."""
+    from click.testing import CliRunner
+
+    import huatuo_lite.api
+    from huatuo_lite.backends.gguf_llama import HUGEPAGES_ENV
+    from huatuo_lite.cli.main import cli
+    from huatuo_lite.errors import HuatuoError
+
+    seen = []
+
+    def fake_load(model, **options):
+        seen.append(os.environ.get(HUGEPAGES_ENV))
+        raise HuatuoError("stop here")
+
+    if preset is None:
+        monkeypatch.delenv(HUGEPAGES_ENV, raising=False)
+    else:
+        monkeypatch.setenv(HUGEPAGES_ENV, preset)
+    monkeypatch.setattr(huatuo_lite.api, "load", fake_load)
+    result = CliRunner().invoke(cli, ["serve", "-m", str(tmp_path), "-q"])
+    assert seen == [expected] and result.exit_code == 1 and "stop here" in result.output
+    monkeypatch.delenv(HUGEPAGES_ENV, raising=False)   # serve set it in this process
