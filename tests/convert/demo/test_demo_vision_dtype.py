@@ -20,7 +20,7 @@ def _rows(out_dir: Path) -> list:
     return [(row["key"], row["output"], row["letter"]) for row in sorted(rows, key=lambda row: row["index"])]
 
 
-@pytest.mark.slow      # three conversions of the demo (~2 s each) and three evals of 298 questions (~14 s each)
+@pytest.mark.long      # ~50-70 s: three conversions of the demo (~2 s each) and three evals of 298 questions (~14 s each); CI runs it after the default suite
 @pytest.mark.skipif(not (DEMO / "gguf").is_dir(), reason="models/demo is not in this checkout")
 def test_demo_answers_do_not_change_with_the_vision_dtype(tmp_path):
     from huatuo_lite.convert.gguf.export import export_gguf
