@@ -27,6 +27,11 @@ from pathlib import Path
 from huatuo_lite.errors import HuatuoError
 
 PROTOBUF_LIMIT = 2 * 1024**3  # bytes; a single .onnx protobuf cannot exceed 2 GB
+# Weights past this go to `<name>.data` beside the graph: onnxruntime maps an external-data file
+# but must parse and copy weights held inside the protobuf. The small profile's int8 decoder
+# (790 MB): session 0.50-0.55 s and RssAnon 662-666 MB external, 0.96-1.31 s and 942-1223 MB
+# inline (2 runs each), the larger part of an ONNX cache-hit ask's fixed cost (bench/README.md).
+INLINE_BYTES = 32 * 2**20
 OPSET = 18
 EXPORTERS = ("torchscript", "dynamo")
 
@@ -88,11 +93,11 @@ def _dynamic_shapes(module, input_names: list, dynamic_axes: dict) -> tuple:
 
 
 def save_graph(model, path: Path, force_external_data: bool = False) -> list[Path]:
-    """Save a proto; its weights go to `<name>.data` past 2 GB or when forced."""
+    """Save a proto; its weights go to `<name>.data` past INLINE_BYTES or when forced."""
     import onnx
 
     size = sum(init.ByteSize() for init in model.graph.initializer)
-    external = force_external_data or size > PROTOBUF_LIMIT * 0.9
+    external = force_external_data or size > INLINE_BYTES
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_data_path(path).name, size_threshold=1024)

@@ -32,13 +32,12 @@ from tqdm import tqdm
 from huatuo_lite.errors import ModelFormatError
 
 from .builder import Slot, build_decoder, build_embed
-from .graph import external_data_path, graph_files, save_graph
+from .graph import INLINE_BYTES, external_data_path, graph_files, save_graph
 from .algorithms import CHUNK_DIVISOR, WHOLE_MATRIX, NBitsPlan, quantize_rows
 from .quant import QUANT_BITS
 
 CHUNK_BYTES = 16 * 2**20     # float32 bytes converted at once (a 7B lm_head is 2.2 GB in float32)
 ALIGN = 4096                 # tensor offsets in the .data file: page-aligned for memory mapping
-INLINE_BYTES = 32 * 2**20    # smaller graphs are re-saved as one .onnx (inlining holds the graph 2-3x)
 # decoder weights come from these checkpoint prefixes (one pass each, shard by shard)
 DECODER_PREFIXES = ("model.layers.", "model.norm.", "lm_head.")
 NUMPY_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
