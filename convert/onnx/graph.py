@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -101,6 +103,9 @@ def save_graph(model, path: Path, force_external_data: bool = False) -> list[Pat
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_data_path(path).name, size_threshold=1024)
+        # onnx creates the .data file 0600: give it the graph's own (umask) mode, or a model folder
+        # shared with another user or a service account has a graph it cannot read
+        os.chmod(external_data_path(path), stat.S_IMODE(os.stat(path).st_mode))
     else:
         onnx.save_model(model, str(path))
     return graph_files(path)

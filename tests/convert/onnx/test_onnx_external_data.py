@@ -27,6 +27,8 @@ def test_weights_past_the_inline_limit_go_to_a_data_file(tmp_path, rows, externa
     path = tmp_path / "decoder.onnx"
     files = save_graph(matmul_model(rows), path)
     assert external_data_path(path).exists() == external
+    if external:   # readable as the graph is (onnx itself creates the .data file 0600)
+        assert external_data_path(path).stat().st_mode & 0o777 == path.stat().st_mode & 0o777
     assert sorted(f.name for f in files) == sorted(["decoder.onnx"] + (["decoder.onnx.data"] if external else []))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"x": np.ones((1, rows), np.float32)})
