@@ -48,9 +48,10 @@ MMPROJ_TYPES = {k: DIRECT_TYPES[k] for k in ("F16", "Q8_0")}
 # the intermediate for llama.cpp's quantizer: lossless for the stored dtype
 INTERMEDIATE = {"bfloat16": "BF16"}
 VISION_ONNX = "vision.onnx"
-# text quants that are exact: their --vision-dtype auto means fp32 (an F32 folder is the
-# reference conversion; a lossy vision graph beside it would make it inexact)
-EXACT_QUANTS = ("F32",)
+# text quants of the reference conversion: their --vision-dtype auto means fp32 (a lossy vision
+# graph beside an F32 text would make it inexact). Not backends.gguf.EXACT_QUANTS, which picks
+# the attention settings of F32/F16/BF16 files.
+REFERENCE_QUANTS = ("F32",)
 # families with their own exporter: family name (checkpoint.family.folder_family) ->
 # (module relative to this package, function)
 FAMILY_EXPORTERS = {qwen25vl.NAME: ("..qwen25vl.gguf", "export_qwen25vl_gguf")}
@@ -213,11 +214,11 @@ def _write_vision(ckpt, stage: Path, dtype: str, quant: str, threads: int,
                   gate: float | None) -> tuple[list[Path], dict]:
     """vision.onnx streamed from the checkpoint a tensor at a time (through torch.onnx
     the CLIP-L export alone peaked at 5.2 GB, the conversion's largest phase), in `dtype`
-    (auto: gated; fp32 beside an EXACT_QUANTS text); returns its files and the manifest's
+    (auto: gated; fp32 beside a REFERENCE_QUANTS text); returns its files and the manifest's
     "vision_onnx" record."""
     from ..onnx.vision_dtype import GATE_COSINE, write_vision
 
-    exact = dtype == "auto" and quant in EXACT_QUANTS
+    exact = dtype == "auto" and quant in REFERENCE_QUANTS
     files, record = write_vision(ckpt, stage, VISION_ONNX, "fp32" if exact else dtype, threads,
                                  GATE_COSINE if gate is None else gate)
     return files, {**record, "requested": dtype, **({"reason": f"exact text quant {quant}"} if exact else {})}

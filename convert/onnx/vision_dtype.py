@@ -48,7 +48,7 @@ def probe_pixels(size: int) -> np.ndarray:
     bicubic to `size`, CLIP-normalized: image/load.py), stacked [len(PROBES), 3, S, S]."""
     from PIL import Image
 
-    from huatuo_lite.image.load import expand2square, load_image, pixel_values
+    from huatuo_lite.image.load import fit_llava, load_image, pixel_values
 
     ramp = np.linspace(0, 255, 448, dtype=np.float32)
     gradient = np.stack([np.add.outer(ramp, ramp[:320]) / 2, np.tile(ramp[:, None], (1, 320)),
@@ -56,11 +56,7 @@ def probe_pixels(size: int) -> np.ndarray:
     noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3))
     images = [Image.fromarray(gradient.astype(np.uint8)), Image.fromarray(noise.astype(np.uint8)),
               load_image(EXAMPLE_IMAGE)]
-
-    def fit(img):
-        return expand2square(img).resize((size, size), resample=Image.Resampling.BICUBIC)
-
-    return np.stack([pixel_values(img, fit) for img in images])
+    return np.stack([pixel_values(img, lambda im: fit_llava(im, size)) for img in images])
 
 
 def token_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:

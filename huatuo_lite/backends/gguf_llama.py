@@ -107,16 +107,15 @@ class MappedPageDropper:
         self.path = os.path.realpath(path)
         self._last = -1.0
         self._before = _anonymous_ranges() if os.environ.get(HUGEPAGES_ENV, "0") == "1" else None
-        self.dropped_bytes = self.huge_bytes = 0
 
     def __call__(self, progress: float, user_data) -> bool:
         try:   # an exception cannot cross into llama.cpp: a failed advice only costs memory or speed
             if self._before is not None:
-                self.huge_bytes = _advise_new(self._before, MADV_HUGEPAGE)
+                _advise_new(self._before, MADV_HUGEPAGE)
                 self._before = None
             if progress >= 1.0 or progress - self._last >= DROP_EVERY:
                 self._last = progress
-                self.dropped_bytes = drop_mapped_pages(self.path)
+                drop_mapped_pages(self.path)
         except Exception:
             pass
         return True   # False would cancel the load
@@ -135,10 +134,15 @@ def _maps() -> list[tuple[int, int, str, str]]:
     return rows
 
 
+_LIBC = []   # the C library's madvise, bound once
+
+
 def _madvise(start: int, length: int, advice: int) -> bool:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise(start, length, advice) == 0
+    if not _LIBC:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _LIBC.append(libc.madvise)
+    return _LIBC[0](start, length, advice) == 0
 
 
 def _anonymous_ranges() -> set:

@@ -305,10 +305,10 @@ def expand2square(img: Image.Image) -> Image.Image:
     return result
 
 
-def fit_llava(img: Image.Image) -> Image.Image:
-    """LLaVA: pad to a square, then resize to family.IMAGE_SIZE (PIL bicubic, no reducing_gap,
-    as transformers' resize)."""
-    side = family.IMAGE_SIZE
+def fit_llava(img: Image.Image, side: int | None = None) -> Image.Image:
+    """LLaVA: pad to a square, then resize to `side` (default family.IMAGE_SIZE; a tiny tower's
+    own size for the converter's probes) with PIL bicubic, no reducing_gap, as transformers' resize."""
+    side = side or family.IMAGE_SIZE
     return expand2square(img).resize((side, side), resample=Image.Resampling.BICUBIC)
 
 
